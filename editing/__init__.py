@@ -1,0 +1,1 @@
+"""Model editing: MEMIT (mass editing) and WISE (lifelong editing), through TransformerLens hooks."""

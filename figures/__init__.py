@@ -1,0 +1,1 @@
+"""Scripts that regenerate every figure in the README, one command each."""

@@ -1,0 +1,230 @@
+"""Causal tracing of one fact: corrupt the subject, restore one state at a time, read p(answer).
+
+The public entry points are :func:`trace_fact` (a :class:`~tracing.facts.Fact`) and :func:`trace_prompt`
+(a prompt and its subject). Both return a :class:`FactTrace` holding, for every kind of state and every
+(token, layer), the probability of the answer after restoring that state; its indirect effect is that
+probability minus the corrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tracing.adapter import KINDS, ModelAdapter
+from tracing.engine import Cell, EngineOutput, EngineUnsupported, PrefixEngine, ReferenceEngine, TraceInputs
+from tracing.facts import Fact, encode_fact, fact_from_prompt
+from tracing.io import atomic_path
+from tracing.models import model_spec
+from tracing.noise import DEFAULT_NOISE_MULTIPLIER, default_noise_std, sample_noise
+from tracing.tokens import encode_with_offsets, subject_token_range, target_token_ids, token_strings
+
+ENGINES = ("fast", "reference")
+_VERIFY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """How to trace. Defaults follow ROME: 10 noise samples, noise 3x the subject-embedding std, window 10.
+
+    ``noise`` sets the absolute noise std and overrides ``noise_multiplier``. ``engine="reference"``
+    runs one forward pass per cell, exactly like kmeng01/rome (slow; for checking). With ``verify`` the
+    fast engine is checked against the reference on a few cells the first time a model is traced.
+    """
+
+    kinds: tuple[str, ...] = KINDS
+    samples: int = 10
+    noise: float | None = None
+    noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER
+    window: int = 10
+    seed: int = 1
+    engine: str = "fast"
+    verify: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+        if self.noise is not None and self.noise < 0:
+            raise ValueError("noise must be >= 0")
+
+
+@dataclass
+class FactTrace:
+    """Everything one causal trace measured. ``scores[kind][t, l]`` is the mean p(answer) after
+    restoring state ``kind`` at token ``t`` and layer ``l`` (a window of layers centred on ``l`` for
+    ``mlp``/``attn``) in the corrupted run."""
+
+    prompt: str
+    subject: str
+    tokens: list[str]
+    token_ids: list[int]
+    subject_range: tuple[int, int]
+    answer: str
+    answer_id: int
+    clean_top: str
+    clean_prob: float
+    corrupted_prob: float
+    noise: float
+    samples: int
+    window: int
+    seed: int
+    model_name: str
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> bool:
+        """Whether the clean model's top-1 next token is the traced answer (ROME skips facts where not)."""
+        return self.clean_top == self.answer
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.scores)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def n_layers(self) -> int:
+        return int(next(iter(self.scores.values())).shape[1])
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        """p(answer | restored) - p(answer | corrupted), per (token, layer)."""
+        return self.scores[kind] - self.corrupted_prob
+
+    # --- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Save as ``.npz`` (scores as arrays, the rest as JSON metadata), atomically."""
+        meta = {k: v for k, v in asdict(self).items() if k != "scores"}
+        arrays = {f"scores_{kind}": values for kind, values in self.scores.items()}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FactTrace":
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            scores = {key[len("scores_"):]: data[key] for key in data.files if key.startswith("scores_")}
+        meta["subject_range"] = tuple(meta["subject_range"])
+        return cls(**meta, scores=scores)
+
+
+def noise_std(model, config: TraceConfig) -> float:
+    return config.noise if config.noise is not None else default_noise_std(model, config.noise_multiplier)
+
+
+def trace_fact(model, fact: Fact, config: TraceConfig = TraceConfig(), answer: str | None = None) -> FactTrace:
+    """Trace ``fact``; the traced answer is ``answer`` if given, else ``fact.target_true``.
+
+    Pass ``answer=fact.target_new`` after an edit to see where the new answer is read from.
+    """
+    encoded, subject_range = encode_fact(model, fact)
+    answer_id = target_token_ids(model, answer if answer is not None else fact.target_true)[0]
+    return _trace(model, encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id, config)
+
+
+def trace_prompt(model, prompt: str, subject: str, answer: str | None = None,
+                 config: TraceConfig = TraceConfig()) -> FactTrace:
+    """Trace a prompt containing ``subject``; the answer defaults to the model's own top-1 prediction."""
+    encoded = encode_with_offsets(model, prompt)
+    subject_range = subject_token_range(encoded, subject)
+    if answer is not None:
+        answer_id = target_token_ids(model, answer)[0]
+    else:
+        with torch.no_grad():
+            answer_id = int(model(encoded.tensor(_device(model)))[0, -1].argmax())
+    return _trace(model, prompt, list(encoded.ids), subject.strip(), subject_range, answer_id, config)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tuple[int, int],
+           answer_id: int, config: TraceConfig) -> FactTrace:
+    adapter = ModelAdapter.of(model)
+    std = noise_std(model, config)
+    start, end = subject_range
+    noise = sample_noise(config.samples, end - start, adapter.d_model, std, config.seed)
+    inputs = TraceInputs(
+        tokens=torch.tensor([ids], device=_device(model)),
+        subject=subject_range,
+        answer_id=answer_id,
+        noise=noise.to(device=_device(model), dtype=_dtype(model)),
+    )
+    output = _run_engine(model, inputs, config)
+    decode = model.tokenizer.decode
+    return FactTrace(
+        prompt=prompt,
+        subject=subject,
+        tokens=token_strings(model, ids),
+        token_ids=ids,
+        subject_range=subject_range,
+        answer=decode([answer_id]),
+        answer_id=answer_id,
+        clean_top=decode([output.clean_top_id]),
+        clean_prob=output.clean_prob,
+        corrupted_prob=output.corrupted_prob,
+        noise=std,
+        samples=config.samples,
+        window=config.window,
+        seed=config.seed,
+        model_name=model_spec(model).name,
+        scores={kind: output.scores[kind] for kind in config.kinds},
+    )
+
+
+def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> EngineOutput:
+    reference = ReferenceEngine(model, show_progress=config.show_progress)
+    if config.engine == "reference" or getattr(model, "_factlens_fast_engine_ok", True) is False:
+        return reference.run(inputs, config.kinds, config.window)
+    try:
+        output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window)
+    except EngineUnsupported as error:
+        warnings.warn(f"fast tracing engine unavailable for this model ({error}); using the reference engine")
+        model._factlens_fast_engine_ok = False
+        return reference.run(inputs, config.kinds, config.window)
+    if config.verify and not getattr(model, "_factlens_fast_engine_ok", False):
+        mismatch = _largest_mismatch(reference, inputs, output, config)
+        if mismatch > _VERIFY_TOLERANCE:
+            warnings.warn(
+                f"fast tracing engine disagrees with the reference by {mismatch:.2e} on this model; "
+                "falling back to the reference engine (slower, same numbers as kmeng01/rome)"
+            )
+            model._factlens_fast_engine_ok = False
+            return reference.run(inputs, config.kinds, config.window)
+        model._factlens_fast_engine_ok = True
+    return output
+
+
+def _largest_mismatch(reference: ReferenceEngine, inputs: TraceInputs, output: EngineOutput,
+                      config: TraceConfig) -> float:
+    """Recompute one middle-layer cell per kind at the last subject token with the reference engine."""
+    token = inputs.subject[1] - 1
+    layer = reference.adapter.n_layers // 2
+    worst = abs(reference.corrupted_prob(inputs) - output.corrupted_prob)
+    for kind in config.kinds:
+        expected = reference.cell_prob(inputs, Cell(kind, token, layer), config.window)
+        worst = max(worst, abs(expected - float(output.scores[kind][token, layer])))
+    return worst
+
+
+__all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt"]

@@ -1,0 +1,340 @@
+"""Restoration engines: compute p(answer) for every restored (kind, token, layer) cell of one fact.
+
+Two engines give the same numbers (to float rounding):
+
+``ReferenceEngine`` does what kmeng01/rome's ``trace_with_patch`` does: for each cell one forward pass of
+a batch holding 1 clean row and N corrupted rows, copying the clean state into the corrupted rows.
+
+``PrefixEngine`` is the fast one. It uses two facts about a causal transformer:
+
+1. Restoring a state at token t changes nothing at positions < t. Those positions are the corrupted run's,
+   so their keys/values are taken from the corrupted run's KV cache and only positions >= t are computed.
+   Cells at tokens before the subject change nothing at all and are not computed.
+2. Restoring a state at layer l changes nothing below l. Blocks are called one by one, and the rows of a
+   cell join the batch at the first block they need (l + 1 for the residual stream, the window's first
+   layer for MLP/attention); below that their state is read from the corrupted run. Logits are computed
+   at the last position only.
+
+Blocks are the bridge's own ``model.blocks[j]``, so hooks on them keep firing. The positional arguments
+(attention mask, rotary tables, position ids) each block needs for a suffix are captured from one real
+batch-1 forward of that suffix, so the engine never re-derives architecture details.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tracing.adapter import KINDS, ModelAdapter
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One restoration: state ``kind`` at ``token``, over ``layers`` (one layer for the residual)."""
+
+    kind: str
+    token: int
+    layer: int
+
+
+def restored_layers(kind: str, layer: int, n_layers: int, window: int) -> range:
+    """Layers restored for a cell, as in ROME: one layer for the residual stream, else a window
+    ``max(0, l - window//2) .. min(L, l + ceil(window/2))`` (10 layers for window 10)."""
+    if kind == "resid":
+        return range(layer, layer + 1)
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+@dataclass
+class TraceInputs:
+    """What every cell of one fact shares."""
+
+    tokens: torch.Tensor  # (1, T) long
+    subject: tuple[int, int]  # half-open token range
+    answer_id: int
+    noise: torch.Tensor  # (N, subject length, d_model), model dtype, on the model's device
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+
+@dataclass
+class EngineOutput:
+    clean_prob: float
+    corrupted_prob: float
+    clean_top_id: int
+    scores: dict[str, np.ndarray]  # kind -> (T, L) mean p(answer) over noise samples
+
+
+def _add_noise_hook(noise: torch.Tensor, subject: tuple[int, int], first_row: int) -> Callable:
+    start, end = subject
+
+    def hook(embeddings: torch.Tensor, hook) -> torch.Tensor:
+        embeddings = embeddings.clone()
+        embeddings[first_row:, start:end] += noise.to(embeddings.dtype)
+        return embeddings
+
+    return hook
+
+
+def _answer_probs(logits_last: torch.Tensor, answer_id: int) -> torch.Tensor:
+    return torch.softmax(logits_last.float(), dim=-1)[:, answer_id]
+
+
+@torch.no_grad()
+def clean_and_corrupted(model, inputs: TraceInputs, names: Sequence[str] = ()):
+    """Clean run (batch 1) and corrupted run (batch N), with the requested activations of each."""
+    clean_logits, clean_cache = model.run_with_cache(inputs.tokens, names_filter=lambda n: n in names)
+    clean_last = clean_logits[:, -1]
+    clean_prob = float(_answer_probs(clean_last, inputs.answer_id)[0])
+    clean_top = int(clean_last[0].argmax())
+    return clean_prob, clean_top, clean_cache
+
+
+class ReferenceEngine:
+    """One forward pass per cell over [clean row, N corrupted rows], as kmeng01/rome does it."""
+
+    def __init__(self, model, show_progress: bool = True) -> None:
+        self.model = model
+        self.adapter = ModelAdapter.of(model)
+        self.show_progress = show_progress
+
+    @torch.no_grad()
+    def cell_prob(self, inputs: TraceInputs, cell: Cell, window: int) -> float:
+        model, adapter = self.model, self.adapter
+        batch = inputs.tokens.repeat(inputs.samples + 1, 1)
+        hooks = [(adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=1))]
+
+        def restore(state: torch.Tensor, hook) -> torch.Tensor:
+            state = state.clone()
+            state[1:, cell.token] = state[0, cell.token]
+            return state
+
+        for layer in restored_layers(cell.kind, cell.layer, adapter.n_layers, window):
+            hooks.append((adapter.state_hook(cell.kind, layer), restore))
+        logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+        return float(_answer_probs(logits[1:, -1], inputs.answer_id).mean())
+
+    @torch.no_grad()
+    def corrupted_prob(self, inputs: TraceInputs) -> float:
+        batch = inputs.tokens.repeat(inputs.samples, 1)
+        hooks = [(self.adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
+        logits = self.model.run_with_hooks(batch, fwd_hooks=hooks)
+        return float(_answer_probs(logits[:, -1], inputs.answer_id).mean())
+
+    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int) -> EngineOutput:
+        kinds = list(kinds)
+        clean_prob, clean_top, _ = clean_and_corrupted(self.model, inputs)
+        corrupted = self.corrupted_prob(inputs)
+        n_layers, n_tokens = self.adapter.n_layers, inputs.n_tokens
+        scores = {kind: np.zeros((n_tokens, n_layers)) for kind in kinds}
+        cells = [Cell(k, t, l) for k in kinds for t in range(n_tokens) for l in range(n_layers)]
+        for cell in tqdm(cells, desc="tracing (reference)", disable=not self.show_progress, leave=False):
+            scores[cell.kind][cell.token, cell.layer] = self.cell_prob(inputs, cell, window)
+        return EngineOutput(clean_prob, corrupted, clean_top, scores)
+
+
+class _PrefixKV:
+    """Stands in for a Hugging Face cache inside one block call: prepends fixed prefix keys/values.
+
+    Attention modules call ``cache.update(k, v, layer_idx)`` and attend over what it returns; the prefix
+    is the corrupted run's keys/values for positions < t, never mutated.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return int(self.keys.shape[-2])
+
+
+class EngineUnsupported(RuntimeError):
+    """The fast engine cannot drive this architecture; callers fall back to the reference engine."""
+
+
+class PrefixEngine:
+    """Fast engine: prefix KV reuse + per-block entry of rows + last-position logits (see module doc)."""
+
+    def __init__(self, model, show_progress: bool = True, max_rows: int = 2048) -> None:
+        self.model = model
+        self.adapter = ModelAdapter.of(model)
+        self.show_progress = show_progress
+        self.max_rows = max_rows
+
+    # --- the two shared runs ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _corrupted_run(self, inputs: TraceInputs):
+        """Batch-N corrupted forward: per-layer residual states and the full KV cache."""
+        from transformers import DynamicCache
+
+        adapter, model = self.adapter, self.model
+        names = {adapter.resid_in(l) for l in range(adapter.n_layers)}
+        names |= {adapter.resid_out(l) for l in range(adapter.n_layers)}
+        states: dict[str, torch.Tensor] = {}
+
+        def keep(state: torch.Tensor, hook) -> None:
+            states[hook.name] = state.detach()
+
+        hooks = [(adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
+        hooks += [(name, keep) for name in sorted(names)]
+        cache = DynamicCache()
+        logits = model.run_with_hooks(inputs.tokens.repeat(inputs.samples, 1), fwd_hooks=hooks,
+                                      past_key_values=cache)
+        kv = []
+        for layer in range(adapter.n_layers):
+            cache_layer = cache.layers[layer] if layer < len(cache.layers) else None
+            if cache_layer is None or getattr(cache_layer, "keys", None) is None:
+                raise EngineUnsupported("the model did not fill a key/value cache for every layer")
+            kv.append((cache_layer.keys, cache_layer.values))
+        probs = _answer_probs(logits[:, -1], inputs.answer_id)
+        return float(probs.mean()), states, kv
+
+    @torch.no_grad()
+    def _block_call_arguments(self, inputs: TraceInputs, start: int, kv) -> list[tuple[tuple, dict]]:
+        """(args, kwargs) each block receives when the model runs the suffix ``tokens[start:]`` after a
+        cached prefix of length ``start``: captured from one real batch-1 forward."""
+        from transformers import DynamicCache
+
+        captured: list[tuple[tuple, dict] | None] = [None] * self.adapter.n_layers
+        handles = [
+            block.register_forward_pre_hook(
+                lambda module, args, kwargs, j=j: captured.__setitem__(j, (args, dict(kwargs))),
+                with_kwargs=True,
+            )
+            for j, block in enumerate(self.model.blocks)
+        ]
+        try:
+            prefix = DynamicCache(ddp_cache_data=[(k[:1, :, :start], v[:1, :, :start]) for k, v in kv])
+            self.model(inputs.tokens[:, start:], past_key_values=prefix)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(c is None for c in captured):
+            raise EngineUnsupported("not every block was called during the suffix forward")
+        return captured  # type: ignore[return-value]
+
+    # --- one suffix pass --------------------------------------------------------------------------
+    def _run_suffix(self, inputs: TraceInputs, token: int, cells: Sequence[Cell], window: int,
+                    clean: dict[str, torch.Tensor], corrupted: dict[str, torch.Tensor], kv,
+                    call_args: list[tuple[tuple, dict]]) -> np.ndarray:
+        """Mean p(answer) for cells that all restore ``token`` (so all share the suffix ``token:``)."""
+        from transformers.cache_utils import Cache
+
+        model, adapter = self.model, self.adapter
+        n_layers, samples = adapter.n_layers, inputs.samples
+        device = inputs.tokens.device
+        entry = [cell.layer + 1 if cell.kind == "resid" else
+                 restored_layers(cell.kind, cell.layer, n_layers, window).start for cell in cells]
+        spans = [restored_layers(cell.kind, cell.layer, n_layers, window) for cell in cells]
+        kind_code = {kind: i for i, kind in enumerate(KINDS)}
+        sample_of_new = torch.arange(samples, device=device)
+
+        hidden: torch.Tensor | None = None
+        row_cell = torch.empty(0, dtype=torch.long, device=device)
+        row_sample = torch.empty(0, dtype=torch.long, device=device)
+        cell_kind = torch.tensor([kind_code[c.kind] for c in cells], device=device)
+        cell_lo = torch.tensor([s.start for s in spans], device=device)
+        cell_hi = torch.tensor([s.stop for s in spans], device=device)
+        patch_rows: dict[str, torch.Tensor] = {}
+        current_layer = [0]
+
+        def entering(layer: int) -> torch.Tensor | None:
+            """Starting states of the rows of cells whose first block is ``layer``."""
+            members = [i for i, e in enumerate(entry) if e == layer]
+            if not members:
+                return None
+            blocks = []
+            for i in members:
+                cell = cells[i]
+                if cell.kind == "resid":
+                    state = corrupted[adapter.resid_out(layer - 1)][:, token:].clone()
+                    state[:, 0] = clean[adapter.resid_out(layer - 1)][0, token]
+                else:
+                    state = corrupted[adapter.resid_in(layer)][:, token:]
+                blocks.append(state)
+            nonlocal row_cell, row_sample
+            row_cell = torch.cat([row_cell, torch.tensor(members, device=device).repeat_interleave(samples)])
+            row_sample = torch.cat([row_sample, sample_of_new.repeat(len(members))])
+            return torch.cat(blocks)
+
+        def make_patch_hook(kind: str) -> Callable:
+            def patch(state: torch.Tensor, hook) -> torch.Tensor:
+                rows = patch_rows.get(kind)
+                if rows is None or rows.numel() == 0:
+                    return state
+                state = state.clone()
+                state[rows, 0] = clean[adapter.state_hook(kind, current_layer[0])][0, token]
+                return state
+            return patch
+
+        patch_kinds = sorted({c.kind for c in cells} - {"resid"})
+        hooks = [(adapter.state_hook(kind, layer), make_patch_hook(kind))
+                 for kind in patch_kinds for layer in range(n_layers)]
+        with model.hooks(fwd_hooks=hooks):
+            for layer in range(n_layers):
+                new = entering(layer)
+                if new is not None:
+                    hidden = new if hidden is None else torch.cat([hidden, new])
+                if hidden is None:
+                    continue
+                current_layer[0] = layer
+                in_window = (cell_lo[row_cell] <= layer) & (layer < cell_hi[row_cell])
+                for kind in patch_kinds:
+                    patch_rows[kind] = torch.nonzero(in_window & (cell_kind[row_cell] == kind_code[kind])).flatten()
+                keys, values = kv[layer]
+                prefix = _PrefixKV(keys[row_sample, :, :token], values[row_sample, :, :token])
+                args, kwargs = call_args[layer]
+                swap = lambda v: prefix if isinstance(v, (Cache, _PrefixKV)) else v  # noqa: E731
+                out = model.blocks[layer](hidden, *[swap(a) for a in args[1:]],
+                                          **{k: swap(v) for k, v in kwargs.items()})
+                hidden = out[0] if isinstance(out, tuple) else out
+        last = entering(n_layers)
+        finals = [] if hidden is None else [hidden[:, -1]]
+        if last is not None:
+            finals.append(last[:, -1])
+        final = torch.cat(finals)
+        logits = model.unembed(model.ln_final(final[:, None, :]))[:, 0]
+        probs = _answer_probs(logits, inputs.answer_id)
+        means = torch.zeros(len(cells), device=device).index_add_(0, row_cell, probs) / samples
+        return means.cpu().numpy()
+
+    # --- all cells -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int) -> EngineOutput:
+        kinds = list(kinds)
+        adapter = self.adapter
+        n_layers, n_tokens = adapter.n_layers, inputs.n_tokens
+        clean_names = [adapter.state_hook(kind, l) for kind in set(kinds) | {"resid"} for l in range(n_layers)]
+        clean_prob, clean_top, clean_cache = clean_and_corrupted(self.model, inputs, clean_names)
+        clean = {name: clean_cache[name] for name in clean_names}
+        corrupted_prob, corrupted, kv = self._corrupted_run(inputs)
+
+        scores = {kind: np.full((n_tokens, n_layers), corrupted_prob) for kind in kinds}
+        first = inputs.subject[0]  # restoring anything before the subject is a no-op
+        cells_per_chunk = max(1, self.max_rows // inputs.samples)
+        tokens = range(first, n_tokens)
+        progress = tqdm(total=len(tokens) * len(kinds) * n_layers, desc="tracing", unit="cell",
+                        disable=not self.show_progress, leave=False)
+        with progress:
+            for token in tokens:
+                call_args = self._block_call_arguments(inputs, token, kv)
+                cells = [Cell(kind, token, layer) for kind in kinds for layer in range(n_layers)]
+                for i in range(0, len(cells), cells_per_chunk):
+                    chunk = cells[i: i + cells_per_chunk]
+                    means = self._run_suffix(inputs, token, chunk, window, clean, corrupted, kv, call_args)
+                    for cell, value in zip(chunk, means):
+                        scores[cell.kind][cell.token, cell.layer] = value
+                    progress.update(len(chunk))
+        return EngineOutput(clean_prob, corrupted_prob, clean_top, scores)

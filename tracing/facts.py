@@ -1,0 +1,208 @@
+"""Facts: the (subject, relation prompt, answer) records that tracing locates and editing rewrites.
+
+One record type, :class:`Fact`, serves both stages. It reads and writes the CounterFact schema
+(``requested_rewrite{prompt, subject, target_new{str}, target_true{str}}``, ``paraphrase_prompts``,
+``neighborhood_prompts``, ``generation_prompts``) and reads the zsRE schema used by MEND/ROME
+(``src, subject, answers, rephrase, loc, loc_ans``). The bundled ``known_facts.json`` is CounterFact
+shaped, holds only facts the embedded model gets right, and is rebuilt by
+``python -m tracing.build_known_facts``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tracing.io import write_json_atomic
+from tracing.tokens import EncodedPrompt, SubjectNotFoundError, encode_with_offsets, subject_token_range
+
+SLOT = "{}"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A fact ``template.format(subject) -> target_true``, optionally with a counterfactual target.
+
+    ``template`` holds ``{}`` where the subject goes. ``paraphrases`` and ``neighborhood`` are full
+    prompts (subject already filled in), as in CounterFact; ``locality`` holds (prompt, answer) pairs
+    with their own answers, as zsRE's ``loc``/``loc_ans``.
+    """
+
+    subject: str
+    template: str
+    target_true: str
+    target_new: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    locality: tuple[tuple[str, str], ...] = ()
+    relation: str | None = None
+    case_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.template.count(SLOT) != 1:
+            raise ValueError(f"template must contain exactly one '{{}}' slot: {self.template!r}")
+        if not self.subject.strip():
+            raise ValueError("a fact needs a non-empty subject")
+
+    @property
+    def prompt(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.template.replace(SLOT, self.subject)
+
+    @property
+    def subject_char_start(self) -> int:
+        return self.template.index(SLOT)
+
+    def with_target_new(self, target_new: str) -> "Fact":
+        from dataclasses import replace
+
+        return replace(self, target_new=target_new)
+
+    # --- CounterFact schema ------------------------------------------------------------------------
+    def to_counterfact(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "requested_rewrite": {
+                "prompt": self.template,
+                "subject": self.subject,
+                "target_true": {"str": self.target_true},
+                "target_new": {"str": self.target_new} if self.target_new is not None else None,
+                "relation_id": self.relation,
+            },
+            "paraphrase_prompts": list(self.paraphrases),
+            "neighborhood_prompts": list(self.neighborhood),
+            "generation_prompts": list(self.generation_prompts),
+        }
+        if self.case_id is not None:
+            record = {"case_id": self.case_id, **record}
+        if self.locality:
+            record["locality"] = [{"prompt": p, "answer": a} for p, a in self.locality]
+        record.update(self.extra)
+        return record
+
+    @classmethod
+    def from_counterfact(cls, record: dict[str, Any]) -> "Fact":
+        rewrite = record["requested_rewrite"]
+        new = rewrite.get("target_new")
+        known = {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+                 "generation_prompts", "locality"}
+        return cls(
+            subject=rewrite["subject"],
+            template=rewrite["prompt"],
+            target_true=_target_str(rewrite["target_true"]),
+            target_new=_target_str(new) if new else None,
+            paraphrases=tuple(record.get("paraphrase_prompts", ())),
+            neighborhood=tuple(_prompt_str(p) for p in record.get("neighborhood_prompts", ())),
+            generation_prompts=tuple(record.get("generation_prompts", ())),
+            locality=tuple((d["prompt"], d["answer"]) for d in record.get("locality", ())),
+            relation=rewrite.get("relation_id"),
+            case_id=record.get("case_id"),
+            extra={k: v for k, v in record.items() if k not in known},
+        )
+
+    # --- zsRE schema ---------------------------------------------------------------------------------
+    @classmethod
+    def from_zsre(cls, record: dict[str, Any], case_id: int | None = None) -> "Fact":
+        """zsRE as used by MEND/ROME: the question ``src`` is the prompt, ``answers[0]`` the new target.
+
+        zsRE has no "true" answer for the model; ``pred`` (the original model's answer) is used when
+        present, else the new answer (so efficacy can still be measured as token accuracy).
+        """
+        subject, question = record["subject"], record["src"]
+        if subject not in question:
+            raise SubjectNotFoundError(f"zsRE subject {subject!r} does not occur in question {question!r}")
+        answers = record.get("answers") or [record.get("alt")]
+        new = record.get("alt") or answers[0]
+        rephrase = record.get("rephrase")
+        locality = ()
+        if record.get("loc") and record.get("loc_ans"):
+            loc = record["loc"]
+            loc = loc[len("nq question: "):] if loc.startswith("nq question: ") else loc
+            locality = ((loc, record["loc_ans"]),)
+        return cls(
+            subject=subject,
+            template=question.replace(subject, SLOT, 1),
+            target_true=record.get("pred") or new,
+            target_new=new,
+            paraphrases=(rephrase,) if rephrase else (),
+            locality=locality,
+            relation="zsre",
+            case_id=case_id if case_id is not None else record.get("case_id"),
+        )
+
+
+def _target_str(target: Any) -> str:
+    return target["str"] if isinstance(target, dict) else str(target)
+
+
+def _prompt_str(prompt: Any) -> str:
+    return prompt["prompt"] if isinstance(prompt, dict) else str(prompt)
+
+
+def fact_from_prompt(prompt: str, subject: str, target_true: str, target_new: str | None = None) -> Fact:
+    """Build a :class:`Fact` from a prompt that already contains the subject (first occurrence)."""
+    subject = subject.strip()
+    start = prompt.find(subject) if subject else -1
+    if start < 0:
+        raise SubjectNotFoundError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+    template = prompt[:start] + SLOT + prompt[start + len(subject):]
+    return Fact(subject=subject, template=template, target_true=target_true, target_new=target_new)
+
+
+def encode_fact(model, fact: Fact) -> tuple[EncodedPrompt, tuple[int, int]]:
+    """Tokenise ``fact.prompt`` and locate its subject tokens (half-open range)."""
+    encoded = encode_with_offsets(model, fact.prompt)
+    return encoded, subject_token_range(encoded, fact.subject, fact.subject_char_start)
+
+
+# --- loading and saving -------------------------------------------------------------------------------
+
+
+def load_counterfact(path: str | Path, limit: int | None = None) -> list[Fact]:
+    records = _read_records(path)
+    return [Fact.from_counterfact(r) for r in records[:limit]]
+
+
+def load_zsre(path: str | Path, limit: int | None = None) -> list[Fact]:
+    records = _read_records(path)
+    return [Fact.from_zsre(r, case_id=i) for i, r in enumerate(records[:limit])]
+
+
+def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
+    """Load CounterFact- or zsRE-format JSON (list of records, or JSON lines), detected from the keys."""
+    records = _read_records(path)
+    if not records:
+        return []
+    if "requested_rewrite" in records[0]:
+        return [Fact.from_counterfact(r) for r in records[:limit]]
+    if "src" in records[0]:
+        return [Fact.from_zsre(r, case_id=i) for i, r in enumerate(records[:limit])]
+    raise ValueError(f"{path}: records are neither CounterFact (requested_rewrite) nor zsRE (src) format")
+
+
+def save_facts(facts: Iterable[Fact], path: str | Path) -> None:
+    write_json_atomic(path, [f.to_counterfact() for f in facts])
+
+
+def _read_records(path: str | Path) -> list[dict[str, Any]]:
+    text = Path(path).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+DATA_DIR = Path(__file__).parent / "data"
+KNOWN_FACTS_FILE = "known_facts.json"
+
+
+def known_facts(limit: int | None = None, relation: str | None = None) -> list[Fact]:
+    """Facts the embedded model (SmolLM2-135M) predicts correctly, bundled with the package."""
+    text = (DATA_DIR / KNOWN_FACTS_FILE).read_text(encoding="utf-8")
+    facts = [Fact.from_counterfact(r) for r in json.loads(text)]
+    if relation is not None:
+        facts = [f for f in facts if f.relation == relation]
+    return facts[:limit]

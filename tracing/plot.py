@@ -1,0 +1,145 @@
+"""Matplotlib figures for traces, in ROME's visual language.
+
+Tokens run down the rows (subject tokens marked with ``*``), layers across the columns, one panel per
+kind of state with ROME's colour maps (residual purple, MLP green, attention red). The colour scale is
+in probability units and starts at the corrupted run's probability, so white means "restoring this
+brought nothing back".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from tracing.io import atomic_path
+
+KIND_COLORMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+KIND_TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 150,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+}
+
+
+def token_labels(tokens: Sequence[str], subject_range: tuple[int, int]) -> list[str]:
+    """Readable row labels: whitespace made visible, subject tokens starred (as in ROME's figures)."""
+    labels = []
+    for i, token in enumerate(tokens):
+        label = token.replace("\n", "\\n").strip() or repr(token)
+        if subject_range[0] <= i < subject_range[1]:
+            label += "*"
+        labels.append(label)
+    return labels
+
+
+def _layer_ticks(ax, n_layers: int, step: int | None = None) -> None:
+    step = step or (5 if n_layers > 12 else 1)
+    ticks = list(range(0, n_layers, step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+
+
+def draw_heatmap(ax, values: np.ndarray, row_labels: Sequence[str], kind: str, *, vmin: float | None,
+                 vmax: float | None = None, cmap: str | None = None, colorbar_label: str = "",
+                 title: str = "", xlabel: str = ""):
+    """One heatmap panel with a colour bar; returns the image."""
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap or KIND_COLORMAPS[kind],
+                      vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels)
+    _layer_ticks(ax, values.shape[1])
+    ax.tick_params(length=2)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    bar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    bar.ax.tick_params(labelsize=7, length=2)
+    if colorbar_label:
+        bar.set_label(colorbar_label, fontsize=8)
+    return image
+
+
+def _xlabel(kind: str, window: int) -> str:
+    if kind == "resid":
+        return "single restored layer"
+    return f"centre of {window} restored {'MLP' if kind == 'mlp' else 'attention'} layers"
+
+
+def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = None):
+    """A figure with one panel per kind for a :class:`~tracing.causal_trace.FactTrace`."""
+    kinds = list(kinds or trace.kinds)
+    labels = token_labels(trace.tokens, trace.subject_range)
+    width = 1.6 + 0.11 * trace.n_layers
+    height = 1.3 + 0.24 * trace.n_tokens
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), height), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            draw_heatmap(ax, trace.scores[kind], labels, kind, vmin=trace.corrupted_prob,
+                         colorbar_label=f"p({trace.answer.strip()})",
+                         title=f"Restoring {KIND_TITLES[kind]}", xlabel=_xlabel(kind, trace.window))
+        for ax in axes[0][1:]:
+            ax.set_yticklabels([])
+        fig.suptitle(title or _default_title(trace), fontsize=10, y=1.0)
+        fig.tight_layout()
+    return fig
+
+
+def _default_title(trace) -> str:
+    return (f"{trace.model_name}: \"{trace.prompt}\" → {trace.answer.strip()!r}   "
+            f"(clean p={trace.clean_prob:.2f}, corrupted p={trace.corrupted_prob:.2f})")
+
+
+def plot_average_effect(effects: Sequence, title: str | None = None):
+    """Average indirect effect per token role and layer, one panel per kind (ROME Fig. 2 style).
+
+    Values are clipped at 0 and all panels share one colour scale, as in ROME's roll-up figures.
+    """
+    clipped = [np.clip(np.nan_to_num(e.effect, nan=0.0), 0, None) for e in effects]
+    vmax = max(float(c.max()) for c in clipped) or None
+    with plt.rc_context(STYLE):
+        n_layers = clipped[0].shape[1]
+        fig, axes = plt.subplots(1, len(effects), figsize=((2.6 + 0.11 * n_layers) * len(effects), 2.6),
+                                 squeeze=False)
+        for ax, effect, values in zip(axes[0], effects, clipped):
+            draw_heatmap(ax, values, effect.roles, effect.kind, vmin=0.0, vmax=vmax, colorbar_label="AIE",
+                         title=f"Restoring {KIND_TITLES[effect.kind]}",
+                         xlabel=_xlabel(effect.kind, effect.window))
+        for ax in axes[0][1:]:
+            ax.set_yticklabels([])
+        fig.suptitle(title or f"Average indirect effect over {effects[0].n_facts} facts", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
+def plot_critical_layers(critical, title: str | None = None):
+    """The MLP indirect effect at the last subject token per layer, the chosen band shaded."""
+    curve = np.asarray(critical.curve)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.0, 2.4))
+        ax.axvspan(critical.layers[0] - 0.5, critical.layers[-1] + 0.5, color="#2ca02c", alpha=0.15,
+                   label=f"critical layers {critical.layers[0]}–{critical.layers[-1]}")
+        ax.plot(range(len(curve)), curve, color="#1b7837", marker="o", markersize=3, linewidth=1.5)
+        ax.set_xlabel("layer (centre of MLP window)")
+        ax.set_ylabel("avg. indirect effect")
+        ax.set_title(title or f"MLP effect at the last subject token ({critical.n_facts} facts)")
+        ax.legend(frameon=False, fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save atomically (format from the extension) and close the figure."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
