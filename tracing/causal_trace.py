@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from tracing.adapter import KINDS, ModelAdapter
-from tracing.engine import Cell, EngineOutput, EngineUnsupported, PrefixEngine, ReferenceEngine, TraceInputs
+from tracing.blocks import EngineUnsupported
+from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs
 from tracing.facts import Fact, encode_fact, fact_from_prompt
 from tracing.io import atomic_path
 from tracing.models import model_spec

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.adapter import KINDS, ModelAdapter
+from tracing.blocks import EngineUnsupported, call_block, capture_block_calls, filled_cache, logits_of
 
 
 @dataclass(frozen=True)
@@ -143,27 +144,6 @@ class ReferenceEngine:
         return EngineOutput(clean_prob, corrupted, clean_top, scores)
 
 
-class _PrefixKV:
-    """Stands in for a Hugging Face cache inside one block call: prepends fixed prefix keys/values.
-
-    Attention modules call ``cache.update(k, v, layer_idx)`` and attend over what it returns; the prefix
-    is the corrupted run's keys/values for positions < t, never mutated.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return int(self.keys.shape[-2])
-
-
-class EngineUnsupported(RuntimeError):
-    """The fast engine cannot drive this architecture; callers fall back to the reference engine."""
-
-
 class PrefixEngine:
     """Fast engine: prefix KV reuse + per-block entry of rows + last-position logits (see module doc)."""
 
@@ -177,9 +157,7 @@ class PrefixEngine:
     @torch.no_grad()
     def _corrupted_run(self, inputs: TraceInputs):
         """Batch-N corrupted forward: per-layer residual states and the full KV cache."""
-        from transformers import DynamicCache
-
-        adapter, model = self.adapter, self.model
+        adapter = self.adapter
         names = {adapter.resid_in(l) for l in range(adapter.n_layers)}
         names |= {adapter.resid_out(l) for l in range(adapter.n_layers)}
         states: dict[str, torch.Tensor] = {}
@@ -189,49 +167,15 @@ class PrefixEngine:
 
         hooks = [(adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
         hooks += [(name, keep) for name in sorted(names)]
-        cache = DynamicCache()
-        logits = model.run_with_hooks(inputs.tokens.repeat(inputs.samples, 1), fwd_hooks=hooks,
-                                      past_key_values=cache)
-        kv = []
-        for layer in range(adapter.n_layers):
-            cache_layer = cache.layers[layer] if layer < len(cache.layers) else None
-            if cache_layer is None or getattr(cache_layer, "keys", None) is None:
-                raise EngineUnsupported("the model did not fill a key/value cache for every layer")
-            kv.append((cache_layer.keys, cache_layer.values))
+        logits, kv = filled_cache(self.model, inputs.tokens.repeat(inputs.samples, 1), hooks=hooks)
         probs = _answer_probs(logits[:, -1], inputs.answer_id)
         return float(probs.mean()), states, kv
-
-    @torch.no_grad()
-    def _block_call_arguments(self, inputs: TraceInputs, start: int, kv) -> list[tuple[tuple, dict]]:
-        """(args, kwargs) each block receives when the model runs the suffix ``tokens[start:]`` after a
-        cached prefix of length ``start``: captured from one real batch-1 forward."""
-        from transformers import DynamicCache
-
-        captured: list[tuple[tuple, dict] | None] = [None] * self.adapter.n_layers
-        handles = [
-            block.register_forward_pre_hook(
-                lambda module, args, kwargs, j=j: captured.__setitem__(j, (args, dict(kwargs))),
-                with_kwargs=True,
-            )
-            for j, block in enumerate(self.model.blocks)
-        ]
-        try:
-            prefix = DynamicCache(ddp_cache_data=[(k[:1, :, :start], v[:1, :, :start]) for k, v in kv])
-            self.model(inputs.tokens[:, start:], past_key_values=prefix)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(c is None for c in captured):
-            raise EngineUnsupported("not every block was called during the suffix forward")
-        return captured  # type: ignore[return-value]
 
     # --- one suffix pass --------------------------------------------------------------------------
     def _run_suffix(self, inputs: TraceInputs, token: int, cells: Sequence[Cell], window: int,
                     clean: dict[str, torch.Tensor], corrupted: dict[str, torch.Tensor], kv,
                     call_args: list[tuple[tuple, dict]]) -> np.ndarray:
         """Mean p(answer) for cells that all restore ``token`` (so all share the suffix ``token:``)."""
-        from transformers.cache_utils import Cache
-
         model, adapter = self.model, self.adapter
         n_layers, samples = adapter.n_layers, inputs.samples
         device = inputs.tokens.device
@@ -294,18 +238,14 @@ class PrefixEngine:
                 for kind in patch_kinds:
                     patch_rows[kind] = torch.nonzero(in_window & (cell_kind[row_cell] == kind_code[kind])).flatten()
                 keys, values = kv[layer]
-                prefix = _PrefixKV(keys[row_sample, :, :token], values[row_sample, :, :token])
-                args, kwargs = call_args[layer]
-                swap = lambda v: prefix if isinstance(v, (Cache, _PrefixKV)) else v  # noqa: E731
-                out = model.blocks[layer](hidden, *[swap(a) for a in args[1:]],
-                                          **{k: swap(v) for k, v in kwargs.items()})
-                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = call_block(model, layer, hidden, call_args[layer],
+                                    keys[row_sample, :, :token], values[row_sample, :, :token])
         last = entering(n_layers)
         finals = [] if hidden is None else [hidden[:, -1]]
         if last is not None:
             finals.append(last[:, -1])
         final = torch.cat(finals)
-        logits = model.unembed(model.ln_final(final[:, None, :]))[:, 0]
+        logits = logits_of(model, final)
         probs = _answer_probs(logits, inputs.answer_id)
         means = torch.zeros(len(cells), device=device).index_add_(0, row_cell, probs) / samples
         return means.cpu().numpy()
@@ -329,7 +269,8 @@ class PrefixEngine:
                         disable=not self.show_progress, leave=False)
         with progress:
             for token in tokens:
-                call_args = self._block_call_arguments(inputs, token, kv)
+                prefix = [(k[:1, :, :token], v[:1, :, :token]) for k, v in kv]
+                call_args = capture_block_calls(self.model, inputs.tokens[:, token:], prefix).arguments
                 cells = [Cell(kind, token, layer) for kind in kinds for layer in range(n_layers)]
                 for i in range(0, len(cells), cells_per_chunk):
                     chunk = cells[i: i + cells_per_chunk]

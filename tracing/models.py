@@ -159,6 +159,7 @@ def wrap_hf_model(hf_model, tokenizer, spec: ModelSpec, *, device: torch.device 
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model.eval()
+    hf_model.requires_grad_(False)  # an analysis and editing toolkit: gradients only where we ask for them
     if device is not None:
         hf_model.to(device)
     bridge = TransformerBridge.boot_transformers(spec.name, hf_model=hf_model, tokenizer=tokenizer)
@@ -333,6 +334,7 @@ def _build_tiny(name: str, seed: int, dtype: torch.dtype):
     }
     config = configs[name]()
     config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.initializer_range = 0.2  # wider than HF's 0.02 so that next-token distributions are not flat
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

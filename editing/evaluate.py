@@ -1,0 +1,281 @@
+"""Evaluation of edits: CounterFact metrics, zsRE-style token accuracy, tables and plots.
+
+CounterFact (as kmeng01/memit's ``eval_utils_counterfact`` + ``summarize``): every score compares the mean
+per-token negative log-likelihood (NLL) of two continuations of the same prompt.
+
+* Efficacy ES = P[NLL(true) > NLL(new)] on the rewrite prompt; magnitude EM = E[p(new) - p(true)] with
+  p = exp(-mean NLL) (the geometric mean of token probabilities).
+* Paraphrase PS / PM: the same on the paraphrase prompts (averaged per case, then over cases).
+* Neighbourhood NS = P[NLL(answer) < NLL(new)] / NM = E[p(answer) - p(new)] on prompts about *other*
+  subjects: CounterFact's neighbourhood prompts (answer = the edited fact's true target) and, where a
+  record has them, ``locality`` pairs with their own answers (the bundled facts: other facts of the same
+  relation), skipping pairs whose answer is the new target itself.
+* Score = harmonic mean of ES, PS and NS. Generation entropy GE = mean over generated texts of
+  ``(2/3·H2 + 4/3·H3) / 2`` (bigram and trigram entropies in bits), from top-5 sampled continuations of
+  the generation prompts; words are split with a regular expression (upstream uses NLTK's tokenizer,
+  whose data cannot be downloaded offline).
+
+Token accuracy (zsRE, and the lifelong metrics of WISE): the fraction of target tokens that are the
+argmax prediction under teacher forcing. Locality there is agreement with the unedited model's argmax
+tokens on unrelated prompts (EasyEdit's definition), so it is 1.0 before any edit by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from editing.prompts import right_padded
+from tracing.facts import Fact
+from tracing.tokens import encode, target_token_ids
+
+METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "score")
+
+
+@dataclass
+class Continuation:
+    """Teacher-forced reading of ``target`` after ``prompt``."""
+
+    token_log_probs: list[float]
+    predicted: list[int]  # argmax token at each target position
+    target: list[int]
+
+    @property
+    def mean_nll(self) -> float:
+        return -float(np.mean(self.token_log_probs))
+
+    @property
+    def probability(self) -> float:
+        """Geometric mean of the target tokens' probabilities, exp(-mean NLL)."""
+        return math.exp(-self.mean_nll)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean([p == t for p, t in zip(self.predicted, self.target)]))
+
+
+@torch.no_grad()
+def read_continuations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[Continuation]:
+    """For each (prompt, target): log-probabilities and argmax predictions of the target tokens."""
+    results: list[Continuation] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        encoded = [(encode(model, prompt), target_token_ids(model, target)) for prompt, target in chunk]
+        tokens = right_padded(model, [p + t for p, t in encoded])
+        logits = model(tokens)
+        for row, (prompt_ids, target_ids) in enumerate(encoded):
+            positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids))
+            log_probs = torch.log_softmax(logits[row, positions].float(), -1)
+            picked = log_probs[torch.arange(len(target_ids)), torch.tensor(target_ids)]
+            results.append(Continuation(picked.tolist(), log_probs.argmax(-1).tolist(), list(target_ids)))
+    return results
+
+
+# --- CounterFact -----------------------------------------------------------------------------------------
+
+
+def _first_token(model, text: str) -> int:
+    return target_token_ids(model, text)[0]
+
+
+def _neighbour_checks(model, fact: Fact) -> list[tuple[str, str]]:
+    checks = [(prompt, fact.target_true) for prompt in fact.neighborhood]
+    new_first = _first_token(model, fact.target_new)
+    checks += [(prompt, answer) for prompt, answer in fact.locality if _first_token(model, answer) != new_first]
+    return checks
+
+
+@dataclass
+class CaseResult:
+    """Per-case CounterFact comparisons: (NLL of the correct continuation, NLL of the other) pairs."""
+
+    rewrite: tuple[float, float, float, float]  # nll_new, nll_true, p_new, p_true
+    paraphrases: list[tuple[float, float, float, float]] = field(default_factory=list)
+    neighbours: list[tuple[float, float, float, float]] = field(default_factory=list)  # nll_answer, nll_new, p..
+
+
+@dataclass
+class CounterFactSummary:
+    n_cases: int
+    ES: float
+    EM: float
+    PS: float
+    PM: float
+    NS: float
+    NM: float
+    score: float
+    GE: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def counterfact_cases(model, facts: Sequence[Fact], batch_size: int = 64) -> list[CaseResult]:
+    """Read every continuation CounterFact needs, in batches, and pair them up per case."""
+    pairs: list[tuple[str, str]] = []
+    layout = []
+    for fact in facts:
+        if fact.target_new is None:
+            raise ValueError(f"fact {fact.subject!r} has no target_new to evaluate")
+        prompts = [fact.prompt, *fact.paraphrases]
+        neighbours = _neighbour_checks(model, fact)
+        start = len(pairs)
+        for prompt in prompts:
+            pairs += [(prompt, fact.target_new), (prompt, fact.target_true)]
+        for prompt, answer in neighbours:
+            pairs += [(prompt, answer), (prompt, fact.target_new)]
+        layout.append((start, len(prompts), len(neighbours)))
+    read = read_continuations(model, pairs, batch_size)
+
+    def pair(i: int) -> tuple[float, float, float, float]:
+        a, b = read[i], read[i + 1]
+        return a.mean_nll, b.mean_nll, a.probability, b.probability
+
+    cases = []
+    for start, n_prompts, n_neighbours in layout:
+        comparisons = [pair(start + 2 * k) for k in range(n_prompts)]
+        neighbours = [pair(start + 2 * (n_prompts + k)) for k in range(n_neighbours)]
+        cases.append(CaseResult(comparisons[0], comparisons[1:], neighbours))
+    return cases
+
+
+def summarize_counterfact(cases: Sequence[CaseResult], entropy: float | None = None) -> CounterFactSummary:
+    """Mean over cases of success rates and magnitudes (per-case means first, as upstream)."""
+    def success(comparisons):  # first continuation more likely than the second
+        return float(np.mean([a < b for a, b, _, _ in comparisons]))
+
+    def magnitude(comparisons):
+        return float(np.mean([pa - pb for _, _, pa, pb in comparisons]))
+
+    es = np.mean([success([c.rewrite]) for c in cases])
+    em = np.mean([magnitude([c.rewrite]) for c in cases])
+    with_para = [c for c in cases if c.paraphrases]
+    ps = np.mean([success(c.paraphrases) for c in with_para]) if with_para else float("nan")
+    pm = np.mean([magnitude(c.paraphrases) for c in with_para]) if with_para else float("nan")
+    with_neigh = [c for c in cases if c.neighbours]
+    ns = np.mean([success(c.neighbours) for c in with_neigh]) if with_neigh else float("nan")
+    nm = np.mean([magnitude(c.neighbours) for c in with_neigh]) if with_neigh else float("nan")
+    parts = [v for v in (es, ps, ns) if not math.isnan(v)]
+    score = len(parts) / sum(1 / v for v in parts) if parts and min(parts) > 0 else 0.0
+    return CounterFactSummary(len(cases), float(es), float(em), float(ps), float(pm), float(ns), float(nm),
+                              float(score), entropy)
+
+
+def ngram_entropy(text: str) -> float:
+    """(2/3·H2 + 4/3·H3) / 2 of one text, in bits (MEMIT's fluency measure)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    entropies = []
+    for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+        counts = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        entropies.append(weight * h)
+    return float(np.mean(entropies))
+
+
+def generation_entropy(model, facts: Sequence[Fact], max_new_tokens: int = 100, seed: int = 0) -> float:
+    """Mean n-gram entropy of top-5 sampled continuations of the facts' generation prompts."""
+    from editing.generate import sample_continuations
+
+    prompts = [p for fact in facts for p in fact.generation_prompts] or [fact.prompt for fact in facts]
+    texts = sample_continuations(model, prompts, max_new_tokens, top_k=5, seed=seed)
+    return float(np.mean([ngram_entropy(t) for t in texts]))
+
+
+def evaluate_counterfact(model, facts: Sequence[Fact], generation_cases: int = 0) -> CounterFactSummary:
+    """CounterFact summary for ``facts``; ``generation_cases`` > 0 adds GE on that many cases."""
+    entropy = generation_entropy(model, facts[:generation_cases]) if generation_cases else None
+    return summarize_counterfact(counterfact_cases(model, facts), entropy)
+
+
+# --- token accuracy (zsRE, lifelong editing) -------------------------------------------------------------
+
+
+@dataclass
+class AccuracySummary:
+    """Rel./Gen./Loc.: target-token accuracy on edit prompts, on paraphrases, and agreement with the
+    unedited model on unrelated prompts."""
+
+    n_cases: int
+    reliability: float
+    generalization: float
+    locality: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def locality_pairs(facts: Iterable[Fact]) -> list[tuple[str, str]]:
+    return [pair for fact in facts for pair in fact.locality]
+
+
+def locality_predictions(model, facts: Sequence[Fact]) -> list[list[int]]:
+    """The model's argmax tokens on every locality pair: call before editing, pass to the evaluation."""
+    return [c.predicted for c in read_continuations(model, locality_pairs(facts))]
+
+
+def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -> AccuracySummary:
+    """Token accuracy of ``target_new`` on prompts and paraphrases; locality vs ``baseline``."""
+    rel = read_continuations(model, [(f.prompt, f.target_new) for f in facts])
+    para = [(p, f.target_new) for f in facts for p in f.paraphrases]
+    gen = read_continuations(model, para) if para else []
+    loc = read_continuations(model, locality_pairs(facts))
+    if len(loc) != len(baseline):
+        raise ValueError("baseline does not match these facts' locality prompts")
+    agreement = [np.mean([a == b for a, b in zip(c.predicted, base)]) for c, base in zip(loc, baseline)]
+    return AccuracySummary(
+        n_cases=len(facts),
+        reliability=float(np.mean([c.accuracy for c in rel])),
+        generalization=float(np.mean([c.accuracy for c in gen])) if gen else float("nan"),
+        locality=float(np.mean(agreement)) if agreement else float("nan"),
+    )
+
+
+# --- presentation ----------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: dict[str, dict], columns: Sequence[str]) -> str:
+    """A Markdown table with one row per entry (values in [0, 1] shown as percentages)."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if isinstance(value, float):
+            return f"{100 * value:.1f}" if abs(value) <= 1.0 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(values.get(c)) for c in columns) + " |"
+              for name, values in rows.items()]
+    return "\n".join(lines)
+
+
+def plot_metrics_vs_edits(results: dict[int, dict], metrics: Sequence[str], baseline: dict | None = None,
+                          title: str = "MEMIT on the embedded model"):
+    """Line plot of metrics against the number of edits (log x axis), unedited values dashed."""
+    import matplotlib.pyplot as plt
+
+    from tracing.plot import STYLE
+
+    counts = sorted(results)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 3.0))
+        for i, metric in enumerate(metrics):
+            color = f"C{i}"
+            ax.plot(counts, [results[n][metric] for n in counts], marker="o", color=color, label=metric)
+            if baseline is not None and baseline.get(metric) is not None:
+                ax.axhline(baseline[metric], color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xticks(counts)
+        ax.set_xticklabels([str(n) for n in counts])
+        ax.set_xlabel("number of facts edited at once")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=8, ncol=len(metrics))
+        fig.tight_layout()
+    return fig

@@ -1,0 +1,181 @@
+"""MEMIT (Meng et al., ICLR 2023): write many facts at once into a band of MLP layers.
+
+For each request (a fact with ``target_new``):
+
+1. **Target vector z** (:func:`compute_targets`): the residual stream after the last edited layer, at the
+   subject's last token, is shifted by an optimised δ until the model prefers the new target over
+   several context prefixes, with a KL term keeping "{subject} is a" stable, weight decay on δ and a norm
+   clamp — MEMIT's ``compute_z``. All requests of a batch are optimised together (their δ are separate
+   rows of one parameter; each request's loss depends only on its own row).
+2. **Keys k** (:func:`compute_keys`): the down-projection input at the subject's last token, averaged
+   over the context prefixes.
+3. **Update**, layer by layer from the lowest: on the partly edited model, recompute keys and the current
+   z-layer output, spread the remaining residual evenly over the layers left, and solve
+   ``ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹`` in float64, where C0 = E[k kᵀ] is the key second moment.
+
+With a single layer this is the soft (λ-regularised) form of ROME's rank-one update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from editing.covariance import CorpusConfig, key_second_moments
+from editing.prompts import PromptRow, in_context, right_padded, subject_row
+from editing.requests import validate_requests
+from editing.targets import TargetConfig, compute_targets
+from editing.weights import WeightEdit, edit_for
+from tracing.adapter import ModelAdapter
+from tracing.facts import SLOT, Fact
+from tracing.locate import critical_layers_for
+from tracing.models import model_spec
+
+
+@dataclass(frozen=True)
+class MemitConfig:
+    """MEMIT hyperparameters; defaults are the paper's GPT-J settings except where noted.
+
+    ``layers=None`` takes the critical layers tracing found for the model (``python -m tracing.locate``),
+    falling back to the paper's layers for GPT-J / GPT-2 XL.
+    """
+
+    layers: tuple[int, ...] | None = None
+    mom2_weight: float = 15000.0  # λ
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10  # tokens of each generated context, prefix included
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    seed: int = 0
+    show_progress: bool = True
+
+    def resolved_layers(self, model) -> tuple[int, ...]:
+        layers = self.layers if self.layers is not None else critical_layers_for(model)
+        if not layers:
+            raise ValueError(
+                f"no critical layers known for {model_spec(model).name!r}: pass MemitConfig(layers=...) or run "
+                "`python -m tracing.locate <model>` first"
+            )
+        n_layers = ModelAdapter.of(model).n_layers
+        if any(not 0 <= layer < n_layers for layer in layers):
+            raise ValueError(f"layers {layers} out of range for a {n_layers}-layer model")
+        return tuple(sorted(set(layers)))
+
+
+# --- context templates --------------------------------------------------------------------------------
+
+
+def context_templates(model, config: MemitConfig) -> list[list[str]]:
+    """MEMIT's templates: the bare prompt, plus one short model-written text per prefix, each ending in
+    ``". {}"``. Cached on the model object (they depend only on the model and the seed)."""
+    from editing.generate import sample_continuations
+
+    key = (config.context_prefixes, config.context_length, config.seed)
+    cache = model.__dict__.setdefault("_factlens_context_templates", {})
+    if key not in cache:
+        lengths = [config.context_length - len(model.tokenizer(p, add_special_tokens=False)["input_ids"])
+                   for p in config.context_prefixes]
+        texts = []
+        for prefix, length in zip(config.context_prefixes, lengths):
+            texts += sample_continuations(model, [prefix], max(1, length), top_k=5, seed=config.seed)
+        generated = [text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". " + SLOT
+                     for text in texts]
+        cache[key] = [[SLOT], generated]
+    return cache[key]
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _states_at(model, rows: Sequence[PromptRow], hook_name: str, stop_at_layer: int,
+               batch_size: int = 64) -> torch.Tensor:
+    """The activation ``hook_name`` at each row's subject-last token, (len(rows), width)."""
+    collected: list[torch.Tensor] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        lookups = torch.tensor([r.lookup for r in batch])
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(value: torch.Tensor, hook) -> None:
+            captured["value"] = value[torch.arange(len(batch)), lookups.to(value.device)].float()
+
+        model.run_with_hooks(right_padded(model, [r.ids for r in batch]), fwd_hooks=[(hook_name, keep)],
+                             stop_at_layer=stop_at_layer)
+        collected.append(captured["value"])
+    return torch.cat(collected)
+
+
+def compute_keys(model, requests: Sequence[Fact], layer: int, templates: list[list[str]]) -> torch.Tensor:
+    """(n, d_mlp) keys: down-projection input at the subject's last token, averaged over each template
+    group and then across groups (so the bare prompt weighs as much as all generated contexts)."""
+    adapter = ModelAdapter.of(model)
+    flat = [(g, context) for g, group in enumerate(templates) for context in group]
+    rows = [subject_row(model, in_context(context, fact.template), fact.subject)
+            for fact in requests for _, context in flat]
+    states = _states_at(model, rows, adapter.mlp_key(layer), stop_at_layer=layer + 1)
+    states = states.view(len(requests), len(flat), -1)
+    group_means = [states[:, [i for i, (g, _) in enumerate(flat) if g == group]].mean(1)
+                   for group in range(len(templates))]
+    return torch.stack(group_means).mean(0)
+
+
+def current_outputs(model, requests: Sequence[Fact], layer: int) -> torch.Tensor:
+    """(n, d_model) residual stream after ``layer`` at the subject's last token of the bare prompts."""
+    rows = [subject_row(model, fact.template, fact.subject) for fact in requests]
+    return _states_at(model, rows, ModelAdapter.resid_out(layer), stop_at_layer=layer + 1)
+
+
+# --- the update ------------------------------------------------------------------------------------------
+
+
+def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig()) -> WeightEdit:
+    """Edit ``model`` in place so each request's prompt continues with its ``target_new``.
+
+    Returns the applied :class:`~editing.weights.WeightEdit`; ``edit.undo(model)`` restores the weights
+    bit for bit. Invalid requests raise before any weight changes.
+    """
+    requests = validate_requests(model, requests)
+    layers = config.resolved_layers(model)
+    adapter = ModelAdapter.of(model)
+    mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress)
+    templates = context_templates(model, config)
+    z_layer = layers[-1]
+    zs = compute_targets(model, requests, z_layer, templates, config.targets, config.show_progress)
+
+    originals = {layer: adapter.down_projection(model, layer).detach().clone() for layer in layers}
+    edit = edit_for(model, "memit", {}, list(requests), _config_record(config, layers))
+    deltas: dict[int, torch.Tensor] = {}
+    try:
+        for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not config.show_progress, leave=False)):
+            keys = compute_keys(model, requests, layer, templates).double()  # (n, d_mlp)
+            current = current_outputs(model, requests, z_layer).double()  # (n, d_model)
+            residual = (zs.double() - current) / (len(layers) - i)
+            c0 = mom2[layer].to(keys.device, torch.float64)
+            # ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹ with K = keysᵀ (d_mlp, n) and R = residualᵀ (d_model, n)
+            adjusted = torch.linalg.solve(config.mom2_weight * c0 + keys.T @ keys, keys.T)  # (d_mlp, n)
+            delta = (residual.T @ adjusted.T).float()  # (d_model, d_mlp)
+            deltas[layer] = delta
+            weight = adapter.down_projection(model, layer)
+            with torch.no_grad():
+                weight.add_(adapter.to_stored_orientation(model, layer, delta).to(weight.dtype))
+    finally:
+        with torch.no_grad():
+            for layer, original in originals.items():
+                adapter.down_projection(model, layer).copy_(original)
+    edit.deltas = {layer: delta.cpu() for layer, delta in deltas.items()}
+    return edit.apply(model)
+
+
+def _config_record(config: MemitConfig, layers: tuple[int, ...]) -> dict:
+    record = dataclasses.asdict(config)
+    record["layers"] = list(layers)
+    record.pop("show_progress")
+    return record

@@ -1,0 +1,46 @@
+"""Edit requests: facts with a new target, checked before any weight changes.
+
+An edit request is a :class:`tracing.facts.Fact` whose ``target_new`` is set. Everything that can be
+wrong with a batch of requests is detected here, up front, so an edit either applies completely or not
+at all.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from tracing.facts import Fact, encode_fact
+from tracing.tokens import SubjectNotFoundError, target_token_ids
+
+
+class EditRequestError(ValueError):
+    """A request cannot be edited (named in the message); no weight was changed."""
+
+
+def validate_requests(model, facts: Iterable[Fact]) -> list[Fact]:
+    """Return the requests as a list, or raise :class:`EditRequestError` naming every problem found."""
+    facts = list(facts)
+    if not facts:
+        raise EditRequestError("no edit requests given")
+    problems: list[str] = []
+    targets: dict[tuple[str, str], str] = {}
+    for i, fact in enumerate(facts):
+        where = f"request {i} ({fact.subject!r})"
+        if fact.target_new is None or not fact.target_new.strip():
+            problems.append(f"{where}: empty target_new")
+            continue
+        try:
+            encode_fact(model, fact)
+            target_token_ids(model, fact.target_new)
+        except (SubjectNotFoundError, ValueError) as error:
+            problems.append(f"{where}: {error}")
+            continue
+        key = (fact.subject, fact.relation or fact.template)
+        previous = targets.setdefault(key, fact.target_new.strip())
+        if previous != fact.target_new.strip():
+            problems.append(
+                f"{where}: conflicting targets for the same subject and relation: {previous!r} vs {fact.target_new!r}"
+            )
+    if problems:
+        raise EditRequestError("refusing to edit; nothing was changed:\n  " + "\n  ".join(problems))
+    return facts
