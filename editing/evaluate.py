@@ -9,7 +9,7 @@ per-token negative log-likelihood (NLL) of two continuations of the same prompt.
 * Neighbourhood NS = P[NLL(answer) < NLL(new)] / NM = E[p(answer) - p(new)] on prompts about *other*
   subjects: CounterFact's neighbourhood prompts (answer = the edited fact's true target) and, where a
   record has them, ``locality`` pairs with their own answers (the bundled facts: other facts of the same
-  relation), skipping pairs whose answer is the new target itself.
+  relation), skipping pairs whose answer is the new target itself and prompts edited in the same batch.
 * Score = harmonic mean of ES, PS and NS. Generation entropy GE = mean over generated texts of
   ``(2/3·H2 + 4/3·H3) / 2`` (bigram and trigram entropies in bits), from top-5 sampled continuations of
   the generation prompts; words are split with a regular expression (upstream uses NLTK's tokenizer,
@@ -84,11 +84,14 @@ def _first_token(model, text: str) -> int:
     return target_token_ids(model, text)[0]
 
 
-def _neighbour_checks(model, fact: Fact) -> list[tuple[str, str]]:
+def _neighbour_checks(model, fact: Fact, edited_prompts: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Prompts about other subjects and the answer they should keep. Prompts that are themselves edited
+    in the same batch are left out (their answer is supposed to change), as are pairs whose answer is
+    this case's new target (the comparison would be meaningless)."""
     checks = [(prompt, fact.target_true) for prompt in fact.neighborhood]
     new_first = _first_token(model, fact.target_new)
     checks += [(prompt, answer) for prompt, answer in fact.locality if _first_token(model, answer) != new_first]
-    return checks
+    return [(prompt, answer) for prompt, answer in checks if prompt not in edited_prompts]
 
 
 @dataclass
@@ -120,11 +123,12 @@ def counterfact_cases(model, facts: Sequence[Fact], batch_size: int = 64) -> lis
     """Read every continuation CounterFact needs, in batches, and pair them up per case."""
     pairs: list[tuple[str, str]] = []
     layout = []
+    edited_prompts = frozenset(fact.prompt for fact in facts)
     for fact in facts:
         if fact.target_new is None:
             raise ValueError(f"fact {fact.subject!r} has no target_new to evaluate")
         prompts = [fact.prompt, *fact.paraphrases]
-        neighbours = _neighbour_checks(model, fact)
+        neighbours = _neighbour_checks(model, fact, edited_prompts)
         start = len(pairs)
         for prompt in prompts:
             pairs += [(prompt, fact.target_new), (prompt, fact.target_true)]

@@ -39,6 +39,9 @@ from tracing.locate import critical_layers_for
 from tracing.models import model_spec
 
 
+GPTJ_MOM2_WEIGHT, GPTJ_D_MLP = 15000.0, 16384
+
+
 @dataclass(frozen=True)
 class MemitConfig:
     """MEMIT hyperparameters; defaults are the paper's GPT-J settings except where noted.
@@ -48,7 +51,7 @@ class MemitConfig:
     """
 
     layers: tuple[int, ...] | None = None
-    mom2_weight: float = 15000.0  # λ
+    mom2_weight: float | None = None  # λ; None: the paper's value for its models, else scaled by d_mlp
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # tokens of each generated context, prefix included
@@ -67,6 +70,15 @@ class MemitConfig:
         if any(not 0 <= layer < n_layers for layer in layers):
             raise ValueError(f"layers {layers} out of range for a {n_layers}-layer model")
         return tuple(sorted(set(layers)))
+
+    def resolved_mom2_weight(self, model) -> float:
+        """λ. The realised fraction of a residual at a typical key is s / (1 + s) with s ≈ d_mlp / λ
+        (kᵀ C0⁻¹ k ≈ d_mlp for keys like the corpus'), so without a paper value for the model we keep
+        GPT-J's ratio, 15000 for d_mlp = 16384."""
+        if self.mom2_weight is not None:
+            return float(self.mom2_weight)
+        paper = model_spec(model).paper_mom2_weight
+        return paper if paper is not None else GPTJ_MOM2_WEIGHT * ModelAdapter.of(model).d_mlp / GPTJ_D_MLP
 
 
 # --- context templates --------------------------------------------------------------------------------
@@ -136,6 +148,18 @@ def current_outputs(model, requests: Sequence[Fact], layer: int) -> torch.Tensor
 # --- the update ------------------------------------------------------------------------------------------
 
 
+def memit_update(keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor, mom2_weight: float) -> torch.Tensor:
+    """MEMIT's closed form for one layer, in float64: ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹.
+
+    ``keys`` (n, d_mlp), ``residuals`` (n, d_model), ``c0`` (d_mlp, d_mlp). ΔW (d_model, d_mlp) minimises
+    ``λ E_k‖ΔW k‖² + Σ_i ‖ΔW k_i - r_i‖²``: it writes the residuals at the new keys while keeping the
+    outputs for keys from the corpus (second moment C0) nearly unchanged.
+    """
+    keys, residuals, c0 = keys.double(), residuals.double(), c0.to(keys.device, torch.float64)
+    adjusted = torch.linalg.solve(mom2_weight * c0 + keys.T @ keys, keys.T)  # (d_mlp, n)
+    return residuals.T @ adjusted.T
+
+
 def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig()) -> WeightEdit:
     """Edit ``model`` in place so each request's prompt continues with its ``target_new``.
 
@@ -144,6 +168,7 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
     """
     requests = validate_requests(model, requests)
     layers = config.resolved_layers(model)
+    mom2_weight = config.resolved_mom2_weight(model)
     adapter = ModelAdapter.of(model)
     mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress)
     templates = context_templates(model, config)
@@ -151,31 +176,83 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
     zs = compute_targets(model, requests, z_layer, templates, config.targets, config.show_progress)
 
     originals = {layer: adapter.down_projection(model, layer).detach().clone() for layer in layers}
-    edit = edit_for(model, "memit", {}, list(requests), _config_record(config, layers))
     deltas: dict[int, torch.Tensor] = {}
     try:
         for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not config.show_progress, leave=False)):
-            keys = compute_keys(model, requests, layer, templates).double()  # (n, d_mlp)
-            current = current_outputs(model, requests, z_layer).double()  # (n, d_model)
-            residual = (zs.double() - current) / (len(layers) - i)
-            c0 = mom2[layer].to(keys.device, torch.float64)
-            # ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹ with K = keysᵀ (d_mlp, n) and R = residualᵀ (d_model, n)
-            adjusted = torch.linalg.solve(config.mom2_weight * c0 + keys.T @ keys, keys.T)  # (d_mlp, n)
-            delta = (residual.T @ adjusted.T).float()  # (d_model, d_mlp)
-            deltas[layer] = delta
+            keys = compute_keys(model, requests, layer, templates)
+            current = current_outputs(model, requests, z_layer)
+            # what is still missing at the z layer, spread evenly over this and the remaining layers
+            residuals = (zs.double() - current.double()) / (len(layers) - i)
+            delta = memit_update(keys, residuals, mom2[layer], mom2_weight).float()
+            deltas[layer] = delta.cpu()
             weight = adapter.down_projection(model, layer)
-            with torch.no_grad():
+            with torch.no_grad():  # later layers are computed on the partly edited model
                 weight.add_(adapter.to_stored_orientation(model, layer, delta).to(weight.dtype))
     finally:
         with torch.no_grad():
             for layer, original in originals.items():
                 adapter.down_projection(model, layer).copy_(original)
-    edit.deltas = {layer: delta.cpu() for layer, delta in deltas.items()}
+    # the weights are the originals again: the edit is fingerprinted against them and applied as a whole
+    edit = edit_for(model, "memit", deltas, list(requests), _config_record(config, layers, mom2_weight))
     return edit.apply(model)
 
 
-def _config_record(config: MemitConfig, layers: tuple[int, ...]) -> dict:
+def _config_record(config: MemitConfig, layers: tuple[int, ...], mom2_weight: float) -> dict:
     record = dataclasses.asdict(config)
     record["layers"] = list(layers)
+    record["mom2_weight"] = mom2_weight
     record.pop("show_progress")
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m editing.memit``: edit N facts from a JSON file (or the bundled ones), evaluate before
+    and after, write the table."""
+    from editing.evaluate import METRICS, evaluate_counterfact, markdown_table
+    from tracing.facts import known_facts, load_facts, spread
+    from tracing.io import write_json_atomic, write_text_atomic
+    from tracing.models import EMBEDDED_MODEL, ModelUnavailableError, UnknownModelError, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m editing.memit", description=main.__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", default=EMBEDDED_MODEL)
+    parser.add_argument("--facts", default=None, help="CounterFact or zsRE JSON (default: the bundled known facts)")
+    parser.add_argument("-n", "--n-edits", type=int, default=100, help="how many facts to edit at once")
+    parser.add_argument("--layers", default=None, help="comma-separated layers (default: from tracing)")
+    parser.add_argument("--mom2-weight", type=float, default=None, help="λ (default: scaled from GPT-J's 15000)")
+    parser.add_argument("--corpus", default="model", help="C0 corpus: model, a text file/folder, or hf:<dataset>")
+    parser.add_argument("--corpus-samples", type=int, default=1000)
+    parser.add_argument("--generation-cases", type=int, default=0, help="cases whose generations give GE")
+    parser.add_argument("--out-dir", default="out/memit", help="where the evaluation table is written")
+    parser.add_argument("--save-edit", default=None, help="save the edit (.safetensors)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    try:
+        model = load_model(args.model, device=args.device)
+        facts = load_facts(args.facts) if args.facts else known_facts()
+        config = MemitConfig(
+            layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+            mom2_weight=args.mom2_weight,
+            corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples),
+        )
+        requests = spread(facts, args.n_edits)
+        before = evaluate_counterfact(model, requests, args.generation_cases)
+        edit = apply_memit(model, requests, config)
+    except (UnknownModelError, ModelUnavailableError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    after = evaluate_counterfact(model, requests, args.generation_cases)
+    columns = [*METRICS, "GE"] if args.generation_cases else list(METRICS)
+    rows = {"unedited": before.as_dict(), f"MEMIT ({len(requests)} edits)": after.as_dict()}
+    table = markdown_table(rows, columns)
+    print(f"layers {list(edit.layers)}, λ = {edit.config['mom2_weight']:.0f}\n{table}")
+    out = Path(args.out_dir)
+    write_text_atomic(out / "memit_eval.md", table + "\n")
+    write_json_atomic(out / "memit_eval.json", {"config": edit.config, "n_edits": len(requests), **rows})
+    if args.save_edit:
+        print(f"edit saved to {edit.save(args.save_edit)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,3 +87,16 @@ def test_bundled_known_facts_are_well_formed():
         assert fact.target_new and fact.target_new != fact.target_true
         assert fact.subject in fact.prompt
     assert len({f.relation for f in facts}) >= 5
+
+
+def test_atomic_writes_leave_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from tracing.io import write_text_atomic
+
+    path = tmp_path / "x.txt"
+    write_text_atomic(path, "hello")
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    assert path.read_text() == "hello" and mode & 0o044  # readable by others, like open() would make it
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary file left behind

@@ -9,9 +9,12 @@ first token starts a *different* answer of the same relation too (" y" for both 
 SmolLM2 tokenizer) cannot be checked that way, so such candidates are set aside and listed; which ones
 clash depends on the tokenizer, so the candidates file keeps them.
 
-Candidates live in ``tracing/data/fact_candidates.json``: a list of relations, each with a Wikidata
-style id, a main template (``{}`` marks the subject), paraphrase and generation templates, and
-``[subject, answer]`` pairs. Every kept fact becomes a CounterFact-shaped record:
+Candidates live in ``tracing/data/fact_candidates.json``: a list of entries. The first entry with a
+given Wikidata style id defines that relation: a main template (``{}`` marks the subject), paraphrase
+and generation templates, and ``[subject, answer]`` pairs. A later entry with the same id holds only
+``relation`` and more ``pairs`` (and optionally a ``description``): it extends that relation. Subjects
+are unique within a relation, across all its entries. Every kept fact becomes a CounterFact-shaped
+record, numbered (``case_id``) in file order:
 
 * ``paraphrase_prompts``: the relation's paraphrase templates filled with the subject;
 * ``neighborhood_prompts``: main prompts of up to 5 *other* subjects with the same true answer (known
@@ -20,6 +23,12 @@ style id, a main template (``{}`` marks the subject), paraphrase and generation 
   first), as unrelated-knowledge checks;
 * ``target_new``: a counterfactual answer of the same relation whose first token differs from the true
   one, drawn with a seed derived from the relation and subject, so the file is identical on every run.
+
+Neighbours, locality facts and counterfactuals are drawn only from the pairs of the fact's own entry
+and of the earlier entries of its relation. So new candidates go into entries appended at the end of
+the file, and then every record built before stays exactly as it was (same ``case_id`` too), as long
+as the model's verdicts on the old candidates do not change and no new answer shares its first token
+with an old answer of the relation (that sets both aside, see above).
 
 The script also prints how prepending BOS changes the picture (SmolLM2's BOS is the chat marker
 ``<|im_start|>``, which is why the embedded model runs without it).
@@ -51,22 +60,26 @@ BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class Relation:
-    """One relation of the candidates file: its prompts and its ``(subject, answer)`` pairs."""
+    """One relation of the candidates file: its prompts (its pairs are spread over its entries)."""
 
     relation_id: str
     template: str
     paraphrases: tuple[str, ...]
     generation: tuple[str, ...]
-    pairs: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One ``(subject, answer)`` pair of a relation, before the model has been asked."""
+    """One ``(subject, answer)`` pair of a relation, before the model has been asked.
+
+    ``entry`` is the index of the candidates-file entry that lists the pair: a record only draws on
+    pairs of its relation from that entry and earlier ones.
+    """
 
     relation: Relation
     subject: str
     answer: str
+    entry: int
 
     @property
     def prompt(self) -> str:
@@ -86,24 +99,34 @@ def fill(template: str, subject: str) -> str:
     return template.replace(SLOT, subject)
 
 
-def load_candidates(path: Path) -> list[Relation]:
-    relations = []
-    for entry in json.loads(path.read_text(encoding="utf-8")):
-        templates = [entry["template"], *entry["paraphrases"], *entry["generation"]]
-        bad = [t for t in templates if t.count(SLOT) != 1]
-        if bad:
-            raise ValueError(f"{entry['relation']}: templates need exactly one '{{}}': {bad}")
-        subjects = [subject for subject, _ in entry["pairs"]]
-        if len(set(subjects)) != len(subjects):
-            raise ValueError(f"{entry['relation']}: a subject is listed twice")
-        relations.append(Relation(
-            relation_id=entry["relation"],
-            template=entry["template"],
-            paraphrases=tuple(entry["paraphrases"]),
-            generation=tuple(entry["generation"]),
-            pairs=tuple((subject, answer) for subject, answer in entry["pairs"]),
-        ))
-    return relations
+def load_candidates(path: Path) -> list[Candidate]:
+    """Every pair of the candidates file, in file order (see the module docstring for the format)."""
+    relations: dict[str, Relation] = {}
+    subjects: dict[str, set[str]] = defaultdict(set)
+    candidates = []
+    for index, entry in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        relation_id = entry["relation"]
+        if relation_id not in relations:
+            templates = [entry["template"], *entry["paraphrases"], *entry["generation"]]
+            bad = [t for t in templates if t.count(SLOT) != 1]
+            if bad:
+                raise ValueError(f"{relation_id}: templates need exactly one '{{}}': {bad}")
+            relations[relation_id] = Relation(
+                relation_id=relation_id,
+                template=entry["template"],
+                paraphrases=tuple(entry["paraphrases"]),
+                generation=tuple(entry["generation"]),
+            )
+        else:
+            extra = sorted(set(entry) - {"relation", "description", "pairs"})
+            if extra:
+                raise ValueError(f"{relation_id}: an entry extending the relation only takes pairs, not {extra}")
+        for subject, answer in entry["pairs"]:
+            if subject in subjects[relation_id]:
+                raise ValueError(f"{relation_id}: subject {subject!r} is listed twice")
+            subjects[relation_id].add(subject)
+            candidates.append(Candidate(relations[relation_id], subject, answer, index))
+    return candidates
 
 
 def ambiguous_answers(candidates: list[Candidate], answer_first_token: dict[str, int]) -> set[tuple[str, str]]:
@@ -139,54 +162,62 @@ def score_prompts(model, prompts: list[list[int]], answer_ids: list[int]) -> lis
     return [scores[i] for i in range(len(prompts))]
 
 
-def counterfactual(candidate: Candidate, answer_first_token: dict[str, int], rng: random.Random) -> str:
+def pool(candidate: Candidate, by_relation: dict[str, list[Candidate]]) -> list[Candidate]:
+    """The candidates a record of ``candidate`` may draw on: its relation's, up to its own entry."""
+    return [c for c in by_relation[candidate.relation.relation_id] if c.entry <= candidate.entry]
+
+
+def counterfactual(
+    candidate: Candidate, pooled: list[Candidate], answer_first_token: dict[str, int], rng: random.Random
+) -> str:
     """Another answer of the relation whose first token differs from the true answer's."""
     true_token = answer_first_token[candidate.answer]
-    options = sorted({a for _, a in candidate.relation.pairs if answer_first_token[a] != true_token})
+    options = sorted({c.answer for c in pooled if answer_first_token[c.answer] != true_token})
     if not options:
         raise ValueError(f"{candidate.relation.relation_id}: no counterfactual for {candidate.answer!r}")
     return rng.choice(options)
 
 
-def neighborhood(candidate: Candidate, known: set[Candidate]) -> tuple[str, ...]:
+def neighborhood(candidate: Candidate, pooled: list[Candidate], known: set[Candidate]) -> tuple[str, ...]:
     """Main prompts of other subjects with the same answer, known subjects first."""
-    same = [
-        c for c in relation_candidates(candidate.relation)
-        if c.answer == candidate.answer and c.subject != candidate.subject
-    ]
+    same = [c for c in pooled if c.answer == candidate.answer and c.subject != candidate.subject]
     same.sort(key=lambda c: c not in known)  # stable: keeps file order within each group
     return tuple(c.prompt for c in same[:MAX_NEIGHBORS])
 
 
-def locality(candidate: Candidate, known: list[Candidate], rng: random.Random) -> tuple[tuple[str, str], ...]:
+def locality(
+    candidate: Candidate, pooled: list[Candidate], known: set[Candidate], rng: random.Random
+) -> tuple[tuple[str, str], ...]:
     """Up to 5 other known facts of the relation, preferring ones with a different answer."""
-    others = [c for c in known if c.relation is candidate.relation and c.subject != candidate.subject]
+    others = [c for c in pooled if c in known and c.subject != candidate.subject]
     rng.shuffle(others)
     others.sort(key=lambda c: c.answer == candidate.answer)
     return tuple((c.prompt, c.answer) for c in others[:MAX_LOCALITY])
 
 
-def relation_candidates(relation: Relation) -> list[Candidate]:
-    return [Candidate(relation, subject, answer) for subject, answer in relation.pairs]
-
-
-def build_facts(known: list[Candidate], answer_first_token: dict[str, int]) -> list[Fact]:
+def build_facts(
+    candidates: list[Candidate], known: list[Candidate], answer_first_token: dict[str, int]
+) -> list[Fact]:
     known_set = set(known)
+    by_relation: dict[str, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        by_relation[c.relation.relation_id].append(c)
     facts = []
     for case_id, candidate in enumerate(known):
         relation = candidate.relation
+        pooled = pool(candidate, by_relation)
         # Seeded by the fact itself, so adding candidates elsewhere never reshuffles this record.
         rng = random.Random(f"{relation.relation_id}:{candidate.subject}")
-        target_new = counterfactual(candidate, answer_first_token, rng)
+        target_new = counterfactual(candidate, pooled, answer_first_token, rng)
         facts.append(Fact(
             subject=candidate.subject,
             template=relation.template,
             target_true=candidate.answer,
             target_new=target_new,
             paraphrases=tuple(fill(t, candidate.subject) for t in relation.paraphrases),
-            neighborhood=neighborhood(candidate, known_set),
+            neighborhood=neighborhood(candidate, pooled, known_set),
             generation_prompts=tuple(fill(t, candidate.subject) for t in relation.generation),
-            locality=locality(candidate, known, rng),
+            locality=locality(candidate, pooled, known_set, rng),
             relation=relation.relation_id,
             case_id=case_id,
         ))
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     model = load_model(args.model, device=args.device)
-    candidates = [c for r in load_candidates(args.candidates) for c in relation_candidates(r)]
+    candidates = load_candidates(args.candidates)
     answer_first_token = {c.answer: target_token_ids(model, c.answer)[0] for c in candidates}
     answer_ids = [answer_first_token[c.answer] for c in candidates]
     prompts = [encode(model, c.prompt) for c in candidates]
@@ -246,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         c for c, s in zip(candidates, policy)
         if s.top1_matches and s.p_answer >= args.min_prob and (c.relation.relation_id, c.answer) not in ambiguous
     ]
-    save_facts(build_facts(known, answer_first_token), args.out)
+    save_facts(build_facts(candidates, known, answer_first_token), args.out)
 
     print_summary(candidates, known)
     if ambiguous:

@@ -33,6 +33,24 @@ from tracing.adapter import KINDS, ModelAdapter
 from tracing.blocks import EngineUnsupported, call_block, capture_block_calls, filled_cache, logits_of
 
 
+def mark_noncausal(model, owner: str, active: bool) -> None:
+    """Declare (or withdraw) hooks that make a position's output depend on *later* tokens.
+
+    WISE, for instance, routes a whole sequence by an activation score averaged over all its tokens.
+    The fast engine's shortcuts assume causality, so while any such hook is active tracing uses the
+    reference engine, whose full forward passes stay exact.
+    """
+    owners = model.__dict__.setdefault("_factlens_noncausal", set())
+    if active:
+        owners.add(owner)
+    else:
+        owners.discard(owner)
+
+
+def is_noncausal(model) -> bool:
+    return bool(model.__dict__.get("_factlens_noncausal"))
+
+
 @dataclass(frozen=True)
 class Cell:
     """One restoration: state ``kind`` at ``token``, over ``layers`` (one layer for the residual)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tracing.io import write_json_atomic
 from tracing.tokens import EncodedPrompt, SubjectNotFoundError, encode_with_offsets, subject_token_range
@@ -197,6 +197,22 @@ def _read_records(path: str | Path) -> list[dict[str, Any]]:
 
 DATA_DIR = Path(__file__).parent / "data"
 KNOWN_FACTS_FILE = "known_facts.json"
+
+
+def spread(facts: Sequence[Fact], n: int) -> list[Fact]:
+    """``n`` facts taken evenly over the list (the bundled file groups facts by relation, so this samples
+    every relation instead of the first one)."""
+    if n >= len(facts):
+        return list(facts)
+    step = len(facts) / n
+    return [facts[int(i * step)] for i in range(n)]
+
+
+def one_per_subject(facts: Iterable[Fact]) -> list[Fact]:
+    """The first fact of each subject. Batch edits need this: MEMIT writes one key per subject (its last
+    token's representation), so two facts about one subject in a batch compete for the same key."""
+    seen: set[str] = set()
+    return [f for f in facts if not (f.subject in seen or seen.add(f.subject))]
 
 
 def known_facts(limit: int | None = None, relation: str | None = None) -> list[Fact]:

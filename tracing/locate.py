@@ -22,7 +22,7 @@ from tracing.adapter import KINDS
 from tracing.average import (SELECTION_METHODS, AverageEffect, CriticalLayers, average_indirect_effect,
                              choose_critical_layers, trace_facts)
 from tracing.causal_trace import FactTrace, TraceConfig
-from tracing.facts import DATA_DIR, Fact, known_facts, load_facts
+from tracing.facts import DATA_DIR, Fact, known_facts, load_facts, spread
 from tracing.io import write_json_atomic
 from tracing.models import EMBEDDED_MODEL, ModelUnavailableError, UnknownModelError, cache_dir, model_spec
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     facts = load_facts(args.facts_file) if args.facts_file else known_facts()
-    result = locate(model, facts[: args.facts], config, args.size, args.method)
+    result = locate(model, spread(facts, args.facts), config, args.size, args.method)
 
     name = model_spec(model).name
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")

@@ -54,14 +54,15 @@ class ModelSpec:
     prepend_bos: bool = False
     # dtype on a GPU; on CPU we always use float32 (half precision matmuls are slow or missing there).
     gpu_dtype: torch.dtype = torch.float32
-    # Layers MEMIT edits in the papers (MLP down-projection), used when no tracing result is given.
+    # MEMIT's layers (MLP down-projections) and λ in the paper, used when tracing has not chosen layers.
     paper_layers: tuple[int, ...] | None = None
+    paper_mom2_weight: float | None = None
 
 
 def _hub(name: str, hub_id: str, *, bos: bool = False, big: bool = False,
-         layers: tuple[int, ...] | None = None) -> ModelSpec:
-    return ModelSpec(name, "hub", hub_id, prepend_bos=bos,
-                     gpu_dtype=torch.float16 if big else torch.float32, paper_layers=layers)
+         layers: tuple[int, ...] | None = None, mom2_weight: float | None = None) -> ModelSpec:
+    return ModelSpec(name, "hub", hub_id, prepend_bos=bos, gpu_dtype=torch.float16 if big else torch.float32,
+                     paper_layers=layers, paper_mom2_weight=mom2_weight)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -71,8 +72,8 @@ MODELS: dict[str, ModelSpec] = {
         _hub("gpt2", "gpt2"),
         _hub("gpt2-medium", "gpt2-medium"),
         _hub("gpt2-large", "gpt2-large"),
-        _hub("gpt2-xl", "gpt2-xl", layers=(13, 14, 15, 16, 17)),
-        _hub("gpt-j", "EleutherAI/gpt-j-6B", big=True, layers=(3, 4, 5, 6, 7, 8)),
+        _hub("gpt2-xl", "gpt2-xl", layers=(13, 14, 15, 16, 17), mom2_weight=20000.0),
+        _hub("gpt-j", "EleutherAI/gpt-j-6B", big=True, layers=(3, 4, 5, 6, 7, 8), mom2_weight=15000.0),
         _hub("gpt-neo-2.7b", "EleutherAI/gpt-neo-2.7B", big=True),
         _hub("gpt-neox", "EleutherAI/gpt-neox-20b", big=True),
         _hub("pythia-1.4b", "EleutherAI/pythia-1.4b"),

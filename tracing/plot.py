@@ -143,3 +143,40 @@ def save_figure(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def plot_trace_comparison(before, after, kinds: Sequence[str] | None = None, title: str | None = None):
+    """Before/after heatmaps of indirect effect and their difference, one row per kind.
+
+    ``before`` and ``after`` are traces of the same prompt (e.g. the true answer on the unedited model
+    and the new answer on the edited one). Indirect effects (restored minus corrupted probability) put
+    both on one scale; the difference column (red: the edited model relies on that state more) shows
+    where the answer is read from after the edit.
+    """
+    if before.tokens != after.tokens:
+        raise ValueError("before and after traces must be of the same prompt")
+    kinds = list(kinds or [k for k in before.kinds if k in after.kinds])
+    labels = token_labels(before.tokens, before.subject_range)
+    width = 1.6 + 0.11 * before.n_layers
+    height = 1.0 + 0.24 * before.n_tokens
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(kinds), 3, figsize=(3 * width, height * len(kinds)), squeeze=False)
+        for row, kind in zip(axes, kinds):
+            effect_before, effect_after = before.indirect_effect(kind), after.indirect_effect(kind)
+            top = max(float(effect_before.max()), float(effect_after.max()), 1e-6)
+            name = KIND_TITLES[kind]
+            draw_heatmap(row[0], effect_before, labels, kind, vmin=0.0, vmax=top,
+                         colorbar_label="indirect effect",
+                         title=f"before: p({before.answer.strip()}), {name}", xlabel=_xlabel(kind, before.window))
+            draw_heatmap(row[1], effect_after, labels, kind, vmin=0.0, vmax=top,
+                         colorbar_label="indirect effect",
+                         title=f"after: p({after.answer.strip()}), {name}", xlabel=_xlabel(kind, after.window))
+            difference = effect_after - effect_before
+            bound = max(float(np.abs(difference).max()), 1e-6)
+            draw_heatmap(row[2], difference, labels, kind, vmin=-bound, vmax=bound, cmap="RdBu_r",
+                         colorbar_label="after − before", title="difference", xlabel=_xlabel(kind, after.window))
+            for ax in row[1:]:
+                ax.set_yticklabels([])
+        fig.suptitle(title or f"{before.model_name}: \"{before.prompt}\"", fontsize=10)
+        fig.tight_layout()
+    return fig

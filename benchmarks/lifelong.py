@@ -1,0 +1,104 @@
+"""Lifelong (sequential) editing: WISE against MEMIT applied one fact at a time (and GRACE on request).
+
+For each T, the same T known facts (a fixed shuffle of ``known_facts()``) are edited one after the other;
+after the last edit, Rel / Gen / Loc (editing.evaluate.evaluate_accuracy: teacher-forced target-token
+accuracy on the prompts and their paraphrases, and agreement with the unedited model on the facts'
+locality prompts) are measured on all T facts, as in the WISE paper's protocol.
+
+    python benchmarks/lifelong.py --edits 1,10 [--methods wise,memit,grace] [--model smollm2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Callable
+
+import torch
+
+from editing.evaluate import AccuracySummary, evaluate_accuracy, locality_predictions, markdown_table
+from editing.grace import GraceConfig, GraceEditor
+from editing.memit import MemitConfig, apply_memit
+from editing.wise import WiseConfig, WiseEditor
+from tracing.facts import Fact, known_facts
+from tracing.locate import critical_layers_for
+from tracing.models import load_model
+
+
+def run_wise(model, facts: list[Fact], config: WiseConfig) -> tuple[Callable[[], None], float]:
+    """Edit ``facts`` sequentially with WISE; returns the undo (detach) and the seconds spent editing
+    (attaching, which samples the context and unrelated texts once, is not counted)."""
+    editor = WiseEditor(config).attach(model)
+    started = time.perf_counter()
+    for fact in facts:
+        editor.edit(fact)
+    return editor.detach, time.perf_counter() - started
+
+
+def run_grace(model, facts: list[Fact], config: GraceConfig) -> tuple[Callable[[], None], float]:
+    """Edit ``facts`` sequentially into a GRACE codebook; returns the undo (detach) and the seconds."""
+    editor = GraceEditor(config).attach(model)
+    started = time.perf_counter()
+    for fact in facts:
+        editor.edit(fact)
+    return editor.detach, time.perf_counter() - started
+
+
+def run_memit(model, facts: list[Fact], config: MemitConfig) -> tuple[Callable[[], None], float]:
+    """Apply MEMIT once per fact, each on top of the previous edits; returns the undo of them all and the
+    seconds spent editing."""
+    started = time.perf_counter()
+    edits = [apply_memit(model, [fact], config) for fact in facts]
+    seconds = time.perf_counter() - started
+
+    def undo() -> None:
+        for edit in reversed(edits):
+            edit.undo(model)
+
+    return undo, seconds
+
+
+def evaluate(model, method: str, facts: list[Fact], run: Callable) -> dict:
+    baseline = locality_predictions(model, facts)
+    undo, seconds = run(model, facts)
+    try:
+        summary: AccuracySummary = evaluate_accuracy(model, facts, baseline)
+    finally:
+        undo()
+    print(f"{method} T={len(facts)}: {summary}, {seconds / len(facts):.1f} s per edit", flush=True)
+    return {**summary.as_dict(), "s/edit": seconds / len(facts)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--edits", default="1,10", help="comma-separated numbers of sequential edits T")
+    parser.add_argument("--methods", default="wise,memit", help="any of wise, memit, grace")
+    parser.add_argument("--merge", action="store_true", help="WISE-Merge instead of WISE-Retrieve")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    pool = known_facts()
+    random.Random(args.seed).shuffle(pool)
+    runners = {
+        "wise": lambda m, f: run_wise(m, f, WiseConfig(retrieve=not args.merge)),
+        "grace": lambda m, f: run_grace(m, f, GraceConfig()),
+        "memit": lambda m, f: run_memit(m, f, MemitConfig(layers=critical_layers_for(m), mom2_weight=1500,
+                                                          show_progress=False)),
+    }
+    rows = {}
+    for t in (int(n) for n in args.edits.split(",")):
+        if t > len(pool):
+            raise SystemExit(f"only {len(pool)} known facts; T={t} is too many")
+        for method in args.methods.split(","):
+            rows[f"{method} T={t}"] = evaluate(model, method, pool[:t], runners[method])
+    print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"]))
+
+
+if __name__ == "__main__":
+    main()

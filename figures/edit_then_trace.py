@@ -1,0 +1,75 @@
+"""README figure: trace a fact before and after editing it, and a neighbouring fact, side by side.
+
+    python -m figures.edit_then_trace --method memit [--out-dir docs]
+    python -m figures.edit_then_trace --method wise
+
+Before: the true answer on the unedited model. After: the new answer on the edited model. The
+difference column shows where the new answer is read from: MEMIT's edited MLP layers at the subject, or
+WISE's side-memory layer. The neighbour (same relation, another subject, its own answer) should not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tracing.causal_trace import TraceConfig, trace_fact
+from tracing.facts import Fact, known_facts
+from tracing.models import load_model
+from tracing.plot import plot_trace_comparison, save_figure
+
+DEFAULT_SUBJECT = "Germany"
+
+
+def pick_facts(subject: str) -> tuple[Fact, Fact]:
+    """The fact about ``subject`` and the first other known fact of the same relation."""
+    facts = known_facts()
+    fact = next(f for f in facts if f.subject == subject)
+    neighbour = next(f for f in facts if f.relation == fact.relation and f.subject != subject)
+    return fact, neighbour
+
+
+def apply_edit(model, method: str, fact: Fact):
+    """Apply ``method`` to ``model`` for ``fact``; returns a callable that undoes it."""
+    if method == "memit":
+        from editing.memit import MemitConfig, apply_memit
+
+        edit = apply_memit(model, [fact], MemitConfig(show_progress=False))
+        return lambda: edit.undo(model)
+    from editing.wise import WiseEditor
+
+    editor = WiseEditor.attach_new(model)
+    editor.edit([fact])
+    return lambda: editor.detach(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["memit", "wise"], default="memit")
+    parser.add_argument("--subject", default=DEFAULT_SUBJECT, help="subject of a bundled known fact")
+    parser.add_argument("--kinds", default="resid,mlp", help="comma-separated kinds to trace")
+    parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--model", default="smollm2")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    config = TraceConfig(kinds=tuple(args.kinds.split(",")), show_progress=False)
+    fact, neighbour = pick_facts(args.subject)
+    before = [trace_fact(model, fact, config), trace_fact(model, neighbour, config)]
+    undo = apply_edit(model, args.method, fact)
+    try:
+        after = [trace_fact(model, fact, config, answer=fact.target_new), trace_fact(model, neighbour, config)]
+    finally:
+        undo()
+    out = Path(args.out_dir)
+    name = args.method.upper()
+    print(save_figure(plot_trace_comparison(before[0], after[0], title=(
+        f"{name} edit \"{fact.prompt}\": {fact.target_true} → {fact.target_new}")),
+        out / f"edit_then_trace_{args.method}.png"))
+    print(save_figure(plot_trace_comparison(before[1], after[1], title=(
+        f"Neighbour \"{neighbour.prompt}\" → {neighbour.target_true}, before and after the {name} edit")),
+        out / f"edit_then_trace_{args.method}_neighbour.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""README figure: MEMIT quality against the number of facts edited at once, on the embedded model.
+
+    python -m figures.memit_scaling [--results benchmarks/results/memit_scale.json] [--out docs/memit_scaling.png]
+
+Reads the results of ``benchmarks/memit_scale.py`` (run it first: about an hour on 2 CPU cores for
+1, 10, 100 and 1000 edits). Dashed lines are the unedited model's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from editing.evaluate import plot_metrics_vs_edits
+from tracing.plot import save_figure
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "memit_scale.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--out", default="docs/memit_scaling.png")
+    args = parser.parse_args(argv)
+    runs = json.loads(Path(args.results).read_text())
+    after = {run["n_edits"]: run["after"] for run in runs}
+    # the unedited model's neighbourhood score, averaged over the runs' fact sets
+    baseline = {"NS": sum(run["before"]["NS"] for run in runs) / len(runs)}
+    fig = plot_metrics_vs_edits(after, ["ES", "PS", "NS", "score"], baseline,
+                                title="MEMIT on SmolLM2-135M (CounterFact metrics)")
+    print(save_figure(fig, args.out))
+
+
+if __name__ == "__main__":
+    main()

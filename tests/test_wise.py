@@ -1,0 +1,277 @@
+"""WISE: behaviour on tiny random models, exact bookkeeping (shards, merges, TIES, save/load, detach), and
+an end-to-end run of sequential edits on the embedded model."""
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from editing.evaluate import evaluate_accuracy, locality_predictions, read_continuations
+from editing.requests import EditRequestError
+from editing.wise import WiseConfig, WiseEditor, default_layer, running_score, ties_merge
+from tracing.adapter import ModelAdapter
+from tracing.facts import Fact, known_facts
+from tracing.models import load_model
+from tracing.tokens import encode
+
+# Tiny random models need bigger steps than SmolLM2 and have their own score scale (measured: edited
+# prompts score 40-110, unrelated text 10-30 with these margins).
+TINY = WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, alpha=10.0, beta=40.0, gamma=20.0,
+                  loc_prefixes=("In", "We", "It", "My", "This", "When", "There", "She"), corrupted_samples=4)
+FAST = dataclasses.replace(TINY, n_iter=2)  # bookkeeping tests: the edits need not succeed
+EIFFEL = Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome")
+UNRELATED = ["My favourite food is", "The weather today is", "She opened the door and"]
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def logits(model, texts):
+    from editing.prompts import right_padded
+
+    with torch.no_grad():
+        return model(right_padded(model, [encode(model, t) for t in texts]))
+
+
+def people(n):
+    return [Fact(f"Person {i}", "{} was born in the city of", "Paris", f"Town{i}") for i in range(n)]
+
+
+@pytest.fixture
+def attached():
+    """Attach editors through this; they are detached after the test even when it fails."""
+    editors = []
+
+    def attach(model, config=TINY, editor=None):
+        editors.append((editor or WiseEditor(config)).attach(model))
+        return editors[-1]
+
+    yield attach
+    for editor in editors:
+        if editor.model is not None:
+            editor.detach()
+
+
+# --- behaviour --------------------------------------------------------------------------------------
+
+
+def test_an_edit_makes_the_new_target_the_argmax_and_routes_only_the_edited_prompt(tiny_model, attached):
+    before = read_continuations(tiny_model, [(EIFFEL.prompt, EIFFEL.target_new)])[0]
+    editor = attached(tiny_model)
+    result = editor.edit(EIFFEL)
+    after = read_continuations(tiny_model, [(EIFFEL.prompt, EIFFEL.target_new)])[0]
+    assert before.accuracy == 0.0 and after.accuracy == 1.0
+    assert after.mean_nll < before.mean_nll - 5
+
+    edited, *unrelated = editor.route([EIFFEL.prompt, *UNRELATED])
+    threshold = editor.thresholds()[0]
+    assert threshold == pytest.approx(TINY.act_ratio * min(result.in_scores))
+    assert edited.memory == 0 and edited.scores[0] > threshold
+    assert all(r.memory is None and r.scores[0] < threshold for r in unrelated)
+
+
+def test_unrelated_prompts_keep_bit_identical_logits_and_detach_restores_everything(tiny_llama, attached):
+    digest = weights_digest(tiny_llama)
+    clean = logits(tiny_llama, [EIFFEL.prompt, *UNRELATED])
+    editor = attached(tiny_llama)
+    editor.edit(EIFFEL)
+    edited = logits(tiny_llama, [EIFFEL.prompt, *UNRELATED])
+    assert not torch.equal(edited[0], clean[0])
+    assert torch.equal(edited[1:], clean[1:])  # routed to the main memory: nothing at all changes
+    assert weights_digest(tiny_llama) == digest
+    editor.detach()
+    assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, *UNRELATED]), clean)
+    assert weights_digest(tiny_llama) == digest
+
+
+def test_routing_is_causal_padding_and_cache_invariant(tiny_llama, attached):
+    from transformers import DynamicCache
+
+    editor = attached(tiny_llama)
+    editor.edit(EIFFEL)
+    ids = encode(tiny_llama, EIFFEL.prompt)
+    alone = logits(tiny_llama, [EIFFEL.prompt])[0]
+    assert editor.route([EIFFEL.prompt])[0].memory == 0
+    # right padding (a longer unrelated prompt in the batch) changes nothing at the real positions
+    padded = logits(tiny_llama, [EIFFEL.prompt, "Python is a programming language that many people use"])
+    torch.testing.assert_close(padded[0, : len(ids)], alone, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        # left padding with an attention mask, as in generation
+        width = len(ids) + 3
+        tokens = torch.tensor([[tiny_llama.tokenizer.pad_token_id] * 3 + ids])
+        mask = torch.tensor([[0] * 3 + [1] * len(ids)])
+        left = tiny_llama(tokens, attention_mask=mask)[0, width - 1]
+        # key/value cache: the prefix in one call, the last token in the next
+        cache = DynamicCache()
+        tiny_llama(torch.tensor([ids[:-1]]), past_key_values=cache)
+        cached = tiny_llama(torch.tensor([ids[-1:]]), past_key_values=cache)[0, -1]
+    torch.testing.assert_close(left, alone[-1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, alone[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_running_scores_are_causal():
+    scores = torch.tensor([[1.0, 4.0, 2.0, 9.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    maximum, carry = running_score(scores, valid, "max")
+    assert maximum.tolist() == [[1.0, 4.0, 4.0, 4.0]]
+    mean, carry_mean = running_score(scores, valid, "mean")
+    torch.testing.assert_close(mean, torch.tensor([[1.0, 2.5, 7 / 3, 7 / 3]]))
+    # continuing a cached prefix gives what one call over the whole row gives
+    more = torch.tensor([[3.0, 8.0]])
+    whole, _ = running_score(torch.tensor([[1.0, 4.0, 2.0, 3.0, 8.0]]), None, "mean")
+    continued, _ = running_score(more, None, "mean", carry_mean)
+    torch.testing.assert_close(continued, whole[:, 3:])
+    assert running_score(more, None, "max", carry)[0].tolist() == [[4.0, 8.0]]
+
+
+# --- bookkeeping ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retrieve", [True, False])
+def test_shards_are_saved_and_merged_at_the_configured_frequencies(tiny_llama, attached, retrieve):
+    editor = attached(tiny_llama, dataclasses.replace(FAST, save_freq=2, merge_freq=4, retrieve=retrieve,
+                                                      mask_ratio=0.2))
+    masks = [editor.mask.clone()]
+    digest = weights_digest(tiny_llama)
+    sizes = []
+    for fact in people(8):
+        editor.edit(fact)
+        sizes.append([m.n_edits for m in editor.memories])
+        if not torch.equal(editor.mask, masks[-1]):
+            masks.append(editor.mask.clone())
+    if retrieve:  # every 2 edits a shard; every 4 the last two shards become one memory
+        assert sizes == [[1], [2], [2, 1], [4], [4, 1], [4, 2], [4, 2, 1], [4, 4]]
+    else:  # one merged memory; shards wait for the next merge next to it
+        assert sizes == [[1], [2], [2, 1], [4], [4, 1], [4, 2], [4, 2, 1], [8]]
+        assert len(set(editor.thresholds())) == 1
+    assert len(masks) == 5  # a new random mask per shard, each training about mask_ratio of the entries
+    assert all(0.15 < float(m.float().mean()) < 0.25 for m in masks)
+    assert editor.n_edits == 8 and len(editor.requests) == 8
+    assert weights_digest(tiny_llama) == digest
+
+
+def test_only_masked_entries_are_trained(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(FAST, mask_ratio=0.2))
+    editor.edit(EIFFEL)
+    changed = editor.current.delta != 0
+    assert changed.any()
+    assert not (changed & ~editor.mask).any()
+    assert float(editor.current.delta.abs().max()) <= FAST.norm_constraint
+
+
+def test_ties_merge_trims_elects_signs_and_averages_the_agreeing_entries():
+    a = torch.tensor([4.0, -2.0, 1.0, 0.5])
+    b = torch.tensor([-1.0, -3.0, 2.0, 0.2])
+    c = torch.tensor([2.0, 1.0, -5.0, 0.1])
+    # density 0.5 keeps a = [4, -2, 0, 0], b = [0, -3, 2, 0], c = [2, 0, -5, 0]; elected signs + - - (+)
+    torch.testing.assert_close(ties_merge([a, b, c], [1 / 3] * 3, 0.5), torch.tensor([3.0, -2.5, -5.0, 0.0]))
+    torch.testing.assert_close(ties_merge([a, b, c], [0.6, 0.2, 0.2], 0.5), torch.tensor([3.5, -2.25, -5.0, 0.0]))
+    torch.testing.assert_close(ties_merge([a], [1.0], 1.0), a)  # one vector, nothing trimmed: itself
+
+
+def test_save_and_load_round_trip_exactly(tiny_llama, attached, tmp_path):
+    editor = attached(tiny_llama, dataclasses.replace(TINY, save_freq=1, merge_freq=2))
+    editor.edit(EIFFEL)
+    editor.edit(people(1))
+    expected = logits(tiny_llama, [EIFFEL.prompt, people(1)[0].prompt, *UNRELATED])
+    path = editor.save(tmp_path / "wise.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wise.safetensors"]  # atomic: no temporary left
+    editor.detach()
+
+    loaded = WiseEditor.load(path)
+    assert loaded.config == editor.config and loaded.n_edits == 2 and loaded.requests == editor.requests
+    attached(tiny_llama, editor=loaded)
+    assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, people(1)[0].prompt, *UNRELATED]), expected)
+    assert loaded.thresholds() == editor.thresholds()
+    loaded.detach()
+    with pytest.raises(ValueError, match="differs"):
+        WiseEditor.load(path).attach(load_model("tiny-llama", device="cpu", seed=1))
+
+
+def test_invalid_requests_and_double_attachment_are_refused(tiny_llama, attached):
+    editor = attached(tiny_llama)
+    with pytest.raises(EditRequestError):
+        editor.edit(Fact("Eiffel Tower", "The {} is located in", "Paris"))  # no target_new
+    assert editor.memories == [] and editor.n_edits == 0
+    with pytest.raises(RuntimeError, match="another WiseEditor"):
+        WiseEditor(TINY).attach(tiny_llama)
+
+
+def test_default_layer_follows_the_paper():
+    assert default_layer(32) == 27 and default_layer(30) == 25 and default_layer(4) == 3
+
+
+# --- the embedded model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.embedded
+def test_sequential_edits_on_the_embedded_model(embedded, attached):
+    first_of_relation: dict[str, Fact] = {}
+    for fact in known_facts():
+        first_of_relation.setdefault(fact.relation, fact)
+    relations = list(first_of_relation.values())
+    # Locality as in the WISE paper (zsRE's unrelated questions): 30 prompts of six relations that are not
+    # edited. The bundled locality pairs (other subjects of the edited relation) are routed to the side
+    # memory once it holds an edit of that relation; see the module documentation.
+    facts = [dataclasses.replace(edit, locality=first.locality + second.locality)
+             for edit, first, second in zip(relations[::6][:3], relations[3::6][:3], relations[4::6][:3])]
+    baseline = locality_predictions(embedded, facts)
+    editor = attached(embedded, WiseConfig())
+    layer_weight = ModelAdapter.down_projection(embedded, editor.layer).detach().clone()
+    for fact in facts:
+        editor.edit(fact)
+    assert [m.n_edits for m in editor.memories] == [3]  # edits accumulate in one side memory
+    summary = evaluate_accuracy(embedded, facts, baseline)
+    assert summary.reliability >= 0.9
+    # measured 0.90: the Germany -> Jerusalem edit also answers "Jerusalem" to 3 of the 30 prompts whose
+    # answer is a city or Germany (Frankfurt is a city in the country of / the White House is located in
+    # the city of / the Rijksmuseum ...); they score just above the threshold
+    assert summary.locality >= 0.85
+    routes = editor.route([f.prompt for f in facts] + UNRELATED)
+    assert [r.memory for r in routes[: len(facts)]] == [0] * len(facts)
+    assert [r.memory for r in routes[len(facts):]] == [None] * len(UNRELATED)
+    assert torch.equal(ModelAdapter.down_projection(embedded, editor.layer), layer_weight)
+
+
+# --- GRACE, the codebook baseline -----------------------------------------------------------------------
+
+
+def test_grace_edits_only_the_stored_key(tiny_llama):
+    from editing.grace import GraceConfig, GraceEditor
+
+    clean = logits(tiny_llama, [EIFFEL.prompt, *UNRELATED])
+    editor = GraceEditor(GraceConfig(n_iter=30, edit_lr=0.5)).attach(tiny_llama)
+    try:
+        result = editor.edit(EIFFEL)
+        assert result.action == "added" and editor.lookup([EIFFEL.prompt, *UNRELATED]) == [0, None, None, None]
+        assert read_continuations(tiny_llama, [(EIFFEL.prompt, EIFFEL.target_new)])[0].accuracy == 1.0
+        assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, *UNRELATED])[1:], clean[1:])
+    finally:
+        editor.detach()
+    assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, *UNRELATED]), clean)
+
+
+def test_grace_codebook_adds_expands_and_splits_radii(tiny_llama):
+    from editing.grace import GraceConfig, GraceEditor
+
+    other = Fact("Colosseum", "The {} is located in the city of", "Rome", "Rome")  # same label as EIFFEL
+    editor = GraceEditor(GraceConfig(n_iter=1)).attach(tiny_llama)
+    try:
+        distance = float((editor.key_of(EIFFEL.prompt) - editor.key_of(other.prompt)).norm())
+        editor.config = GraceConfig(n_iter=1, eps_init=0.75 * distance)
+        assert editor.edit(EIFFEL).action == "added"
+        assert editor.edit(other).action == "expanded"  # beyond the radius but within eps_init of it
+        assert editor.radii == [pytest.approx(distance, rel=1e-4)]
+        assert editor.edit(EIFFEL).action == "updated"
+        clash = Fact("Colosseum", "The {} is located in the city of", "Rome", "Paris")
+        assert editor.edit(clash).action == "split"
+        assert editor.radii[0] < editor.radii[1] == pytest.approx(distance / 2, rel=1e-4)
+        assert editor.lookup([EIFFEL.prompt, other.prompt]) == [0, 1]
+    finally:
+        editor.detach()
