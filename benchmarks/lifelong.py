@@ -6,6 +6,9 @@ accuracy on the prompts and their paraphrases, and agreement with the unedited m
 locality prompts) are measured on all T facts, as in the WISE paper's protocol.
 
     python benchmarks/lifelong.py --edits 1,10 [--methods wise,memit,grace] [--model smollm2] [--threads 2]
+
+Rows are written to ``benchmarks/results/lifelong.json`` (``--out``) after every run, so a long run keeps
+what it finished.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +27,10 @@ from editing.memit import MemitConfig, apply_memit
 from editing.wise import WiseConfig, WiseEditor
 from tracing.facts import Fact, known_facts
 from tracing.locate import critical_layers_for
+from tracing.io import write_json_atomic
 from tracing.models import load_model
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.json"
 
 
 def run_wise(model, facts: list[Fact], config: WiseConfig) -> tuple[Callable[[], None], float]:
@@ -78,6 +85,7 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="WISE-Merge instead of WISE-Retrieve")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +105,7 @@ def main() -> None:
             raise SystemExit(f"only {len(pool)} known facts; T={t} is too many")
         for method in args.methods.split(","):
             rows[f"{method} T={t}"] = evaluate(model, method, pool[:t], runners[method])
+            write_json_atomic(args.out, rows)
     print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"]))
 
 

@@ -52,17 +52,24 @@ def main() -> None:
     parser.add_argument("--counts", default="1,10,100,1000")
     parser.add_argument("--generation-cases", type=int, default=10)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.single is not None:
         print(json.dumps(run_one(args.single, args.generation_cases)))
         return
+    from tracing.io import write_json_atomic
 
     results = []
     for n in (int(c) for c in args.counts.split(",")):
-        output = subprocess.run([sys.executable, __file__, "--single", str(n),
-                                 "--generation-cases", str(args.generation_cases)],
-                                check=True, capture_output=True, text=True).stdout
+        command = [sys.executable, __file__, "--single", str(n), "--generation-cases", str(args.generation_cases)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         results.append(result)
         b, a = result["before"], result["after"]
@@ -70,9 +77,7 @@ def main() -> None:
               f"peak {result['peak_rss_mb']} MB | ES {a['ES']:.3f} PS {a['PS']:.3f} "
               f"NS {a['NS']:.3f} (unedited {b['NS']:.3f}, drop {b['NS'] - a['NS']:+.3f}) score {a['score']:.3f}",
               flush=True)
-    from tracing.io import write_json_atomic
-
-    write_json_atomic(args.out, results)
+        write_json_atomic(args.out, results)  # after every count, so a long run keeps what it finished
     print(f"written to {args.out}")
 
 

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m editing.memit``: edit N facts from a JSON file (or the bundled ones), evaluate before
     and after, write the table."""
     from editing.evaluate import METRICS, evaluate_counterfact, markdown_table
-    from tracing.facts import known_facts, load_facts, spread
+    from tracing.facts import known_facts, load_facts, one_per_subject, spread
     from tracing.io import write_json_atomic, write_text_atomic
     from tracing.models import EMBEDDED_MODEL, ModelUnavailableError, UnknownModelError, load_model
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             mom2_weight=args.mom2_weight,
             corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples),
         )
-        requests = spread(facts, args.n_edits)
+        requests = spread(one_per_subject(facts), args.n_edits)
         before = evaluate_counterfact(model, requests, args.generation_cases)
         edit = apply_memit(model, requests, config)
     except (UnknownModelError, ModelUnavailableError, ValueError, FileNotFoundError) as error:

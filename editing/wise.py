@@ -92,6 +92,7 @@ from editing.targets import frozen_weights
 from editing.weights import weight_fingerprint
 from tracing.adapter import ModelAdapter
 from tracing.blocks import logits_of
+from tracing.engine import require_full_forwards
 from tracing.facts import SLOT, Fact, encode_fact
 from tracing.io import atomic_path
 from tracing.models import model_spec
@@ -468,6 +469,7 @@ class WiseEditor:
             handle.remove()
         self._hook_handles, self._call_handles = [], []
         model._factlens_wise = None
+        require_full_forwards(model, "wise", False)
         self.model, self._call, self._carry, self._key = None, None, None, None
 
     def _install(self, model) -> None:
@@ -478,6 +480,7 @@ class WiseEditor:
         self._call_handles = [hf_model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                               hf_model.register_forward_hook(self._end_call)]
         model._factlens_wise = self
+        require_full_forwards(model, "wise", True)  # routing reads the whole prefix: no suffix-only tracing
         self.model, self._table, self._carry = model, None, None
 
     def _attached(self):

@@ -36,11 +36,11 @@ def apply_edit(model, method: str, fact: Fact):
 
         edit = apply_memit(model, [fact], MemitConfig(show_progress=False))
         return lambda: edit.undo(model)
-    from editing.wise import WiseEditor
+    from editing.wise import WiseConfig, WiseEditor
 
-    editor = WiseEditor.attach_new(model)
+    editor = WiseEditor(WiseConfig()).attach(model)
     editor.edit([fact])
-    return lambda: editor.detach(model)
+    return editor.detach
 
 
 def main(argv: list[str] | None = None) -> None:

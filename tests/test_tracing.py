@@ -100,15 +100,15 @@ def test_bad_configs_are_refused():
         TraceConfig(samples=0)
 
 
-def test_noncausal_hooks_switch_to_the_reference_engine(tiny_llama, monkeypatch):
+def test_hooks_needing_full_forwards_switch_to_the_reference_engine(tiny_llama, monkeypatch):
     from tracing import causal_trace
-    from tracing.engine import mark_noncausal
+    from tracing.engine import require_full_forwards
 
     used = []
     monkeypatch.setattr(causal_trace.PrefixEngine, "run", lambda *a, **k: used.append("fast") or pytest.fail())
-    mark_noncausal(tiny_llama, "test", True)
+    require_full_forwards(tiny_llama, "test", True)
     try:
         trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, kinds=("resid",)))
     finally:
-        mark_noncausal(tiny_llama, "test", False)
+        require_full_forwards(tiny_llama, "test", False)
     assert used == [] and trace.scores["resid"].shape == (trace.n_tokens, 4)

@@ -18,7 +18,7 @@ import torch
 
 from tracing.adapter import KINDS, ModelAdapter
 from tracing.blocks import EngineUnsupported
-from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, is_noncausal
+from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, needs_full_forwards
 from tracing.facts import Fact, encode_fact, fact_from_prompt
 from tracing.io import atomic_path
 from tracing.models import model_spec
@@ -196,7 +196,7 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
 def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> EngineOutput:
     reference = ReferenceEngine(model, show_progress=config.show_progress)
     fast_refused = getattr(model, "_factlens_fast_engine_ok", True) is False
-    if config.engine == "reference" or fast_refused or is_noncausal(model):
+    if config.engine == "reference" or fast_refused or needs_full_forwards(model):
         return reference.run(inputs, config.kinds, config.window)
     try:
         output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window)

@@ -33,22 +33,21 @@ from tracing.adapter import KINDS, ModelAdapter
 from tracing.blocks import EngineUnsupported, call_block, capture_block_calls, filled_cache, logits_of
 
 
-def mark_noncausal(model, owner: str, active: bool) -> None:
-    """Declare (or withdraw) hooks that make a position's output depend on *later* tokens.
-
-    WISE, for instance, routes a whole sequence by an activation score averaged over all its tokens.
-    The fast engine's shortcuts assume causality, so while any such hook is active tracing uses the
-    reference engine, whose full forward passes stay exact.
-    """
-    owners = model.__dict__.setdefault("_factlens_noncausal", set())
+def require_full_forwards(model, owner: str, active: bool) -> None:
+    """Declare (or withdraw) hooks whose output at a position depends on more than that position's
+    causal past *within the same call*: WISE, for instance, routes by a statistic of all earlier
+    positions' scores, which a call on a suffix alone cannot see. The fast engine computes suffixes in
+    separate block calls, so while any such hook is active tracing uses the reference engine, whose full
+    forward passes stay exact."""
+    owners = model.__dict__.setdefault("_factlens_full_forwards", set())
     if active:
         owners.add(owner)
     else:
         owners.discard(owner)
 
 
-def is_noncausal(model) -> bool:
-    return bool(model.__dict__.get("_factlens_noncausal"))
+def needs_full_forwards(model) -> bool:
+    return bool(model.__dict__.get("_factlens_full_forwards"))
 
 
 @dataclass(frozen=True)
