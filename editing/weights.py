@@ -11,18 +11,15 @@ the edit was computed on, so loading it onto a different model is refused instea
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tracing.adapter import ModelAdapter
 from tracing.facts import Fact
-from tracing.io import atomic_path
+from tracing.io import load_tensors, save_tensors_atomic
 from tracing.models import model_spec
 
 
@@ -117,16 +114,12 @@ class WeightEdit:
             "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
             "requests": [fact.to_counterfact() for fact in self.requests],
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"factlens": json.dumps(meta)})
-        return path
+        return save_tensors_atomic(path, tensors, "factlens", meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "WeightEdit":
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["factlens"])
-            deltas = {int(key.split(".")[1]): handle.get_tensor(key) for key in handle.keys()}
+        tensors, meta = load_tensors(path, "factlens")
+        deltas = {int(key.split(".")[1]): tensor for key, tensor in tensors.items()}
         return cls(
             method=meta["method"],
             model_name=meta["model_name"],

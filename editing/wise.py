@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import random
 import time
@@ -82,8 +81,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from editing.prompts import right_padded
@@ -94,7 +91,7 @@ from tracing.adapter import ModelAdapter
 from tracing.blocks import logits_of
 from tracing.engine import require_full_forwards
 from tracing.facts import SLOT, Fact, encode_fact
-from tracing.io import atomic_path
+from tracing.io import load_tensors, save_tensors_atomic
 from tracing.models import model_spec
 from tracing.noise import default_noise_std, sample_noise
 from tracing.tokens import encode, target_token_ids
@@ -778,17 +775,12 @@ class WiseEditor:
             "n_edits": self.n_edits,
             "requests": [fact.to_counterfact() for fact in self.requests],
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"factlens_wise": json.dumps(meta)})
-        return path
+        return save_tensors_atomic(path, tensors, "factlens_wise", meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "WiseEditor":
         """An editor holding the saved memories, not attached (``attach`` checks that they fit)."""
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["factlens_wise"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors, meta = load_tensors(path, "factlens_wise")
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
         editor = cls(WiseConfig(**config))
         records = [SideMemory(tensors[f"stored.{i}"], _inf_if_none(r["min_act"]), r["n_edits"])

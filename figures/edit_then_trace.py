@@ -29,16 +29,18 @@ def pick_facts(subject: str) -> tuple[Fact, Fact]:
     return fact, neighbour
 
 
-def apply_edit(model, method: str, fact: Fact):
-    """Apply ``method`` to ``model`` for ``fact``; returns a callable that undoes it."""
+def apply_edit(model, method: str, fact: Fact, layers: tuple[int, ...] | None = None):
+    """Apply ``method`` to ``model`` for ``fact``; returns a callable that undoes it. ``layers``: MEMIT's
+    layers, or WISE's side-memory layer (its first); None takes the defaults (tracing's critical layers,
+    WISE's late layer)."""
     if method == "memit":
         from editing.memit import MemitConfig, apply_memit
 
-        edit = apply_memit(model, [fact], MemitConfig(show_progress=False))
+        edit = apply_memit(model, [fact], MemitConfig(layers=layers, show_progress=False))
         return lambda: edit.undo(model)
     from editing.wise import WiseConfig, WiseEditor
 
-    editor = WiseEditor(WiseConfig()).attach(model)
+    editor = WiseEditor(WiseConfig(layer=layers[0] if layers else None)).attach(model)
     editor.edit([fact])
     return editor.detach
 
@@ -50,13 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default="resid,mlp", help="comma-separated kinds to trace")
     parser.add_argument("--out-dir", default="docs")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--layers", default=None, help="comma-separated layers to edit (default: as the method)")
     args = parser.parse_args(argv)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
 
     model = load_model(args.model)
     config = TraceConfig(kinds=tuple(args.kinds.split(",")), show_progress=False)
     fact, neighbour = pick_facts(args.subject)
     before = [trace_fact(model, fact, config), trace_fact(model, neighbour, config)]
-    undo = apply_edit(model, args.method, fact)
+    undo = apply_edit(model, args.method, fact, layers)
     try:
         after = [trace_fact(model, fact, config, answer=fact.target_new), trace_fact(model, neighbour, config)]
     finally:

@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="mlp", help="comma-separated kinds, or 'all'")
     parser.add_argument("--out-dir", default="docs")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--include-wrong", action="store_true", help="average over wrongly predicted facts too")
     args = parser.parse_args(argv)
-    return locate_main([args.model, "--facts", str(args.facts), "--kinds", args.kinds, "--figures", args.out_dir])
+    return locate_main([args.model, "--facts", str(args.facts), "--kinds", args.kinds, "--figures", args.out_dir]
+                       + ["--include-wrong"] * args.include_wrong)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.adapter import KINDS, ModelAdapter
-from tracing.blocks import EngineUnsupported, call_block, capture_block_calls, filled_cache, logits_of
+from tracing.blocks import call_block, capture_block_calls, filled_cache, logits_of
 
 
 def require_full_forwards(model, owner: str, active: bool) -> None:

@@ -44,3 +44,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: dict, key: str, meta: Any) -> Path:
+    """Write ``tensors`` to a safetensors file with ``meta`` as JSON under metadata ``key``, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={key: json.dumps(meta)})
+    return path
+
+
+def load_tensors(path: str | os.PathLike, key: str) -> tuple[dict, Any]:
+    """The tensors of a file written by :func:`save_tensors_atomic`, and its metadata under ``key``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if key not in metadata:
+            raise ValueError(f"{path} is not a {key!r} file (its metadata has no {key!r} entry)")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(metadata[key])

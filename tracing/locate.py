@@ -37,12 +37,14 @@ class Localisation:
 
 
 def locate(model, facts: list[Fact], config: TraceConfig = TraceConfig(kinds=("mlp",)), size: int = 5,
-           method: str = "peak-end") -> Localisation:
-    """Trace ``facts`` and choose ``size`` critical MLP layers (the MLP kind is always traced)."""
+           method: str = "peak-end", only_correct: bool = True) -> Localisation:
+    """Trace ``facts`` and choose ``size`` critical MLP layers (the MLP kind is always traced).
+
+    As in ROME, facts the model gets wrong are left out of the averages unless ``only_correct=False``."""
     if "mlp" not in config.kinds:
         config = dataclasses.replace(config, kinds=(*config.kinds, "mlp"))
     traces = trace_facts(model, facts, config)
-    effects = {kind: average_indirect_effect(traces, kind) for kind in config.kinds}
+    effects = {kind: average_indirect_effect(traces, kind, only_correct) for kind in config.kinds}
     return Localisation(effects, choose_critical_layers(effects["mlp"], size, method), traces)
 
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=5, help="number of critical layers (default 5)")
     parser.add_argument("--method", choices=SELECTION_METHODS, default="peak-end")
     parser.add_argument("--figures", default=None, help="folder for the average-effect and layer figures")
+    parser.add_argument("--include-wrong", action="store_true",
+                        help="average over facts the model gets wrong too (ROME leaves them out)")
     parser.add_argument("--save-package", action="store_true",
                         help="also write the result into tracing/data (maintainers, for the embedded model)")
     parser.add_argument("--device", default=None)
@@ -94,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     facts = load_facts(args.facts_file) if args.facts_file else known_facts()
-    result = locate(model, spread(facts, args.facts), config, args.size, args.method)
+    try:
+        result = locate(model, spread(facts, args.facts), config, args.size, args.method, not args.include_wrong)
+    except ValueError as error:  # e.g. the model gets none of the facts right
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     name = model_spec(model).name
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")
