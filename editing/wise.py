@@ -65,6 +65,12 @@ Hungary is" -> Jerusalem, Loc 0.49. Of 30 prompts of six unedited relations, 3 w
 Germany are routed and answer Jerusalem (Loc 0.90). Routing decides on one threshold per memory, set by
 its weakest edit, so one strongly written edit leaks more than its own threshold would allow.
 
+At scale (``benchmarks/lifelong.py``, 100 sequential known facts, 1 thread): with the defaults one shard
+holds all 100 edits and later edits overwrite earlier ones (Rel/Gen/Loc 0.31/0.19/0.81, against
+sequential MEMIT's 0.94/0.74/0.73); shards of 10 edits merged in pairs (``save_freq=10, merge_freq=20``)
+keep more of them but route far more neighbours (0.72/0.45/0.36). The paper's T=1000 picture (Loc near 1
+with Rel/Gen above MEMIT) is not reproduced on this 135M model.
+
 The main model never changes: :meth:`WiseEditor.detach` removes the hooks and the model's outputs are bit
 for bit those of the unedited model.
 """

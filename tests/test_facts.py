@@ -100,3 +100,19 @@ def test_atomic_writes_leave_normal_permissions(tmp_path):
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert path.read_text() == "hello" and mode & 0o044  # readable by others, like open() would make it
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary file left behind
+
+
+def test_tensor_files_round_trip_and_refuse_foreign_files(tmp_path):
+    import pytest
+    import torch
+
+    from tracing.io import load_tensors, save_tensors_atomic
+
+    tensors = {"delta.3": torch.randn(4, 5), "mask": torch.tensor([1, 0, 1], dtype=torch.uint8)}
+    path = save_tensors_atomic(tmp_path / "edit.safetensors", tensors, "factlens", {"layers": [3]})
+    loaded, meta = load_tensors(path, "factlens")
+    assert meta == {"layers": [3]} and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="not a 'factlens_wise' file"):
+        load_tensors(path, "factlens_wise")
+    assert [p.name for p in tmp_path.iterdir()] == ["edit.safetensors"]

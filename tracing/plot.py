@@ -172,7 +172,8 @@ def plot_trace_comparison(before, after, kinds: Sequence[str] | None = None, tit
                          colorbar_label="indirect effect",
                          title=f"after: p({after.answer.strip()}), {name}", xlabel=_xlabel(kind, after.window))
             difference = effect_after - effect_before
-            bound = max(float(np.abs(difference).max()), 1e-6)
+            # at least a tenth of the effect scale, so that rounding noise (an unchanged neighbour) stays white
+            bound = max(float(np.abs(difference).max()), 0.1 * top)
             draw_heatmap(row[2], difference, labels, kind, vmin=-bound, vmax=bound, cmap="RdBu_r",
                          colorbar_label="after − before", title="difference", xlabel=_xlabel(kind, after.window))
             for ax in row[1:]:
