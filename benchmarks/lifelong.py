@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--edits", default="1,10", help="comma-separated numbers of sequential edits T")
     parser.add_argument("--methods", default="wise,memit", help="any of wise, memit, grace")
     parser.add_argument("--merge", action="store_true", help="WISE-Merge instead of WISE-Retrieve")
+    parser.add_argument("--save-freq", type=int, default=WiseConfig.save_freq, help="WISE: edits per shard")
+    parser.add_argument("--merge-freq", type=int, default=WiseConfig.merge_freq, help="WISE: edits per merge")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
@@ -94,7 +96,8 @@ def main() -> None:
     pool = known_facts()
     random.Random(args.seed).shuffle(pool)
     runners = {
-        "wise": lambda m, f: run_wise(m, f, WiseConfig(retrieve=not args.merge)),
+        "wise": lambda m, f: run_wise(m, f, WiseConfig(retrieve=not args.merge, save_freq=args.save_freq,
+                                                       merge_freq=args.merge_freq)),
         "grace": lambda m, f: run_grace(m, f, GraceConfig()),
         "memit": lambda m, f: run_memit(m, f, MemitConfig(layers=critical_layers_for(m), mom2_weight=1500,
                                                           show_progress=False)),
@@ -104,7 +107,11 @@ def main() -> None:
         if t > len(pool):
             raise SystemExit(f"only {len(pool)} known facts; T={t} is too many")
         for method in args.methods.split(","):
-            rows[f"{method} T={t}"] = evaluate(model, method, pool[:t], runners[method])
+            label = method
+            if method == "wise" and (args.merge or (args.save_freq, args.merge_freq) != (WiseConfig.save_freq,
+                                                                                          WiseConfig.merge_freq)):
+                label += f" ({'merge' if args.merge else 'retrieve'}, save {args.save_freq}, merge {args.merge_freq})"
+            rows[f"{label} T={t}"] = evaluate(model, label, pool[:t], runners[method])
             write_json_atomic(args.out, rows)
     print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"]))
 
