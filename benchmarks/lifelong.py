@@ -26,26 +26,17 @@ from editing.grace import GraceConfig, GraceEditor
 from editing.memit import MemitConfig, apply_memit
 from editing.wise import WiseConfig, WiseEditor
 from tracing.facts import Fact, known_facts
-from tracing.locate import critical_layers_for
 from tracing.io import write_json_atomic
 from tracing.models import load_model
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.json"
 
 
-def run_wise(model, facts: list[Fact], config: WiseConfig) -> tuple[Callable[[], None], float]:
-    """Edit ``facts`` sequentially with WISE; returns the undo (detach) and the seconds spent editing
-    (attaching, which samples the context and unrelated texts once, is not counted)."""
-    editor = WiseEditor(config).attach(model)
-    started = time.perf_counter()
-    for fact in facts:
-        editor.edit(fact)
-    return editor.detach, time.perf_counter() - started
-
-
-def run_grace(model, facts: list[Fact], config: GraceConfig) -> tuple[Callable[[], None], float]:
-    """Edit ``facts`` sequentially into a GRACE codebook; returns the undo (detach) and the seconds."""
-    editor = GraceEditor(config).attach(model)
+def run_attached(model, facts: list[Fact], editor: WiseEditor | GraceEditor) -> tuple[Callable[[], None], float]:
+    """Attach ``editor`` (WISE or GRACE) and edit ``facts`` one after the other; returns the undo (detach)
+    and the seconds spent editing (attaching, which for WISE samples the context and unrelated texts once,
+    is not counted)."""
+    editor.attach(model)
     started = time.perf_counter()
     for fact in facts:
         editor.edit(fact)
@@ -95,22 +86,20 @@ def main() -> None:
     model = load_model(args.model)
     pool = known_facts()
     random.Random(args.seed).shuffle(pool)
-    runners = {
-        "wise": lambda m, f: run_wise(m, f, WiseConfig(retrieve=not args.merge, save_freq=args.save_freq,
-                                                       merge_freq=args.merge_freq)),
-        "grace": lambda m, f: run_grace(m, f, GraceConfig()),
-        "memit": lambda m, f: run_memit(m, f, MemitConfig(layers=critical_layers_for(m), mom2_weight=1500,
-                                                          show_progress=False)),
+    wise_config = WiseConfig(retrieve=not args.merge, save_freq=args.save_freq, merge_freq=args.merge_freq)
+    runners = {  # a fresh editor per run: each T starts from the unedited model
+        "wise": lambda m, f: run_attached(m, f, WiseEditor(wise_config)),
+        "grace": lambda m, f: run_attached(m, f, GraceEditor(GraceConfig())),
+        "memit": lambda m, f: run_memit(m, f, MemitConfig(mom2_weight=1500, show_progress=False)),
     }
+    labels = {"wise": "wise" if wise_config == WiseConfig() else (
+        f"wise ({'merge' if args.merge else 'retrieve'}, save {args.save_freq}, merge {args.merge_freq})")}
     rows = {}
     for t in (int(n) for n in args.edits.split(",")):
         if t > len(pool):
             raise SystemExit(f"only {len(pool)} known facts; T={t} is too many")
         for method in args.methods.split(","):
-            label = method
-            if method == "wise" and (args.merge or (args.save_freq, args.merge_freq) != (WiseConfig.save_freq,
-                                                                                          WiseConfig.merge_freq)):
-                label += f" ({'merge' if args.merge else 'retrieve'}, save {args.save_freq}, merge {args.merge_freq})"
+            label = labels.get(method, method)
             rows[f"{label} T={t}"] = evaluate(model, label, pool[:t], runners[method])
             write_json_atomic(args.out, rows)
     print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"]))

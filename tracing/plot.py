@@ -74,12 +74,16 @@ def _xlabel(kind: str, window: int) -> str:
     return f"centre of {window} restored {'MLP' if kind == 'mlp' else 'attention'} layers"
 
 
+def _panel_size(trace, margin: float) -> tuple[float, float]:
+    """Inches of one heatmap panel: a column per layer, a row per token, plus ``margin`` for titles."""
+    return 1.6 + 0.11 * trace.n_layers, margin + 0.24 * trace.n_tokens
+
+
 def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = None):
     """A figure with one panel per kind for a :class:`~tracing.causal_trace.FactTrace`."""
     kinds = list(kinds or trace.kinds)
     labels = token_labels(trace.tokens, trace.subject_range)
-    width = 1.6 + 0.11 * trace.n_layers
-    height = 1.3 + 0.24 * trace.n_tokens
+    width, height = _panel_size(trace, margin=1.3)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), height), squeeze=False)
         for ax, kind in zip(axes[0], kinds):
@@ -157,8 +161,7 @@ def plot_trace_comparison(before, after, kinds: Sequence[str] | None = None, tit
         raise ValueError("before and after traces must be of the same prompt")
     kinds = list(kinds or [k for k in before.kinds if k in after.kinds])
     labels = token_labels(before.tokens, before.subject_range)
-    width = 1.6 + 0.11 * before.n_layers
-    height = 1.0 + 0.24 * before.n_tokens
+    width, height = _panel_size(before, margin=1.0)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(kinds), 3, figsize=(3 * width, height * len(kinds)), squeeze=False)
         for row, kind in zip(axes, kinds):
