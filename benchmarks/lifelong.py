@@ -102,7 +102,7 @@ def main() -> None:
             label = labels.get(method, method)
             rows[f"{label} T={t}"] = evaluate(model, label, pool[:t], runners[method])
             write_json_atomic(args.out, rows)
-    print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"]))
+    print(markdown_table(rows, ["reliability", "generalization", "locality", "s/edit"], plain=["s/edit"]))
 
 
 if __name__ == "__main__":

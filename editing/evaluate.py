@@ -244,17 +244,18 @@ def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -
 # --- presentation ----------------------------------------------------------------------------------------
 
 
-def markdown_table(rows: dict[str, dict], columns: Sequence[str]) -> str:
-    """A Markdown table with one row per entry (values in [0, 1] shown as percentages)."""
-    def cell(value) -> str:
+def markdown_table(rows: dict[str, dict], columns: Sequence[str], plain: Sequence[str] = ()) -> str:
+    """A Markdown table with one row per entry. Float values are shown as percentages, except in the
+    ``plain`` columns (quantities that are not fractions, such as seconds or entropies)."""
+    def cell(value, column: str) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "–"
         if isinstance(value, float):
-            return f"{100 * value:.1f}" if abs(value) <= 1.0 else f"{value:.1f}"
+            return f"{value:.1f}" if column in plain else f"{100 * value:.1f}"
         return str(value)
 
     lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(values.get(c)) for c in columns) + " |"
+    lines += [f"| {name} | " + " | ".join(cell(values.get(c), c) for c in columns) + " |"
               for name, values in rows.items()]
     return "\n".join(lines)
 

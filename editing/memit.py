@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     after = evaluate_counterfact(model, requests, args.generation_cases)
     columns = [*METRICS, "GE"] if args.generation_cases else list(METRICS)
     rows = {"unedited": before.as_dict(), f"MEMIT ({len(requests)} edits)": after.as_dict()}
-    table = markdown_table(rows, columns)
+    table = markdown_table(rows, columns, plain=["GE"])
     print(f"layers {list(edit.layers)}, λ = {edit.config['mom2_weight']:.0f}\n{table}")
     out = Path(args.out_dir)
     write_text_atomic(out / "memit_eval.md", table + "\n")

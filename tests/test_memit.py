@@ -115,6 +115,13 @@ def test_bad_requests_change_nothing(tiny_llama):
     assert fingerprints(tiny_llama, (1, 2)) == before
 
 
+def test_markdown_table_shows_fractions_as_percentages_and_plain_columns_as_they_are():
+    from editing.evaluate import markdown_table
+
+    table = markdown_table({"run": {"ES": 0.95, "GE": 0.5, "n": 3}}, ["ES", "GE", "n", "PS"], plain=["GE"])
+    assert table.splitlines()[-1] == "| run | 95.0 | 0.5 | 3 | – |"
+
+
 def test_context_templates_end_with_the_slot(tiny_llama):
     templates = context_templates(tiny_llama, TINY_CONFIG)
     assert templates[0] == ["{}"] and len(templates[1]) == len(TINY_CONFIG.context_prefixes)
