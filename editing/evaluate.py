@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -215,8 +215,11 @@ class AccuracySummary:
         return asdict(self)
 
 
-def locality_pairs(facts: Iterable[Fact]) -> list[tuple[str, str]]:
-    return [pair for fact in facts for pair in fact.locality]
+def locality_pairs(facts: Sequence[Fact]) -> list[tuple[str, str]]:
+    """The facts' locality pairs, leaving out prompts that are themselves edited among ``facts`` (their
+    answer is supposed to change: in a long lifelong run most bundled locality facts get edited too)."""
+    edited = {fact.prompt for fact in facts}
+    return [(prompt, answer) for fact in facts for prompt, answer in fact.locality if prompt not in edited]
 
 
 def locality_predictions(model, facts: Sequence[Fact]) -> list[list[int]]:

@@ -6,7 +6,8 @@ interfere with each other and with what the model knew. WISE leaves the main mem
 decides, per input, whether that layer's output comes from the main memory or from a side memory.
 
 * **Activation score.** For a down-projection input (key) ``x``, the score of side memory ``W'`` is
-  ``||x (W' - W)ᵀ||₂``: how far the side memory moves the layer's output (the paper's Δ_act). We store only
+  ``||x (W' - W)ᵀ||₂``: how far the side memory moves the layer's output (the paper's Δ_act; here ``x``
+  without its common directions, see below). We store only
   ``Δ = W' - W``; the side output is ``main output + x Δᵀ``, so a bias, where the layer has one, is
   shared. (EasyEdit applies the activation function to the two outputs before the difference; we follow
   the paper.)
@@ -44,6 +45,15 @@ Choices of this implementation, and why they differ from EasyEdit:
   the memory then answers to the relation itself (10 random known facts, 3 of one relation: 36 % of the
   neighbours routed, Loc 0.86). The layer's input does not depend on the side memory, so these rows cost
   one forward up to the layer per edit and one matrix product per step.
+* **Common directions.** Keys of all inputs share a few large directions (the first, close to the mean
+  key, carries 24 % of generic text's key energy at SmolLM2's layer 25). A side memory that reads them
+  changes the output of every input alike, which the margins must then fight: the loss oscillates and
+  unrelated inputs score like edits. So the side memories read keys without their components along the
+  top ``common_directions`` eigenvectors of E[k kᵀ] over the unrelated texts (fixed at attach, saved with
+  the memories): the side output is ``main output + (P x) Δᵀ`` with P that projection, and the score is
+  ``||(P x) Δᵀ||``. Δ then comes out orthogonal to those directions. One call editing 10 facts on SmolLM2
+  (n_iter 40): loss 131 (oscillating) -> 5.8 (smooth); edited prompts routed 8 -> 10 of 10, held-out
+  known facts 8 -> 2 of 10 (10 vs 10 facts of the same relations).
 * **Speed.** Everything below the side-memory layer is fixed while editing: one forward records each row's
   keys, its residual stream after the layer and the arguments of the later blocks; each step adds
   ``x Δᵀ`` and replays only the later blocks, then unembeds only the target positions.
@@ -152,6 +162,7 @@ class WiseConfig:
     loc_length: int = 16
     replay: int = 16  # earlier edits of the shard whose scores each edit keeps up (0: none, EasyEdit's default)
     corrupted_samples: int = 16  # noisy-subject copies of each edit prompt among the unrelated rows
+    common_directions: int = 8  # top directions of generic keys the side memories ignore (0: none)
     noise_multiplier: float = 3.0  # their noise, in subject-embedding stds (ROME's 3)
     seed: int = 0
 
@@ -222,6 +233,18 @@ def row_score(scores: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Ten
     if kind == "max":
         return (scores * valid).max(-1).values
     return _masked_mean(scores, valid)
+
+
+def common_directions(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` leading eigenvectors of the uncentred second moment E[k kᵀ] of ``keys`` (N, d_mlp), as
+    columns (d_mlp, count). The first is close to the mean key: on SmolLM2's layer 25 it carries 24 % of
+    generic text's key energy, and the keys of different fact prompts have mean cosine 0.35 with it and
+    0.19 without it."""
+    if count == 0:
+        return keys.new_zeros(keys.shape[-1], 0)
+    moment = keys.T.double() @ keys.double() / len(keys)
+    _, vectors = torch.linalg.eigh(moment)
+    return vectors[:, -count:].flip(1).to(keys.dtype).contiguous()
 
 
 def activation_scores(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -410,6 +433,7 @@ class WiseEditor:
         self._routing_on = True
         self._contexts: list[str] = []
         self._unrelated: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, valid
+        self.common: torch.Tensor | None = None  # (d_mlp, r) orthonormal directions shared by generic keys
 
     # --- inspection ---------------------------------------------------------------------------------
     @property
@@ -507,6 +531,7 @@ class WiseEditor:
         key, self._key = self._key, None
         if not self._routing_on or key is None or not self.memories:
             return None
+        key = self._specific(key)
         call = self._call or _Call(None, 0)
         fits = self._carry is not None and tuple(self._carry.shape[1:]) == (len(self.memories), key.shape[0])
         carry = self._carry if call.past > 0 and fits else None
@@ -606,7 +631,7 @@ class WiseEditor:
                 targets.append(target)
                 owners.append(f)
         recorded = record_rows(model, right_padded(model, rows), self.layer)
-        keys, device = recorded.keys, recorded.keys.device
+        keys, device = self._specific(recorded.keys), recorded.keys.device
         decision = torch.zeros(keys.shape[:2], dtype=torch.bool, device=device)
         spec = []
         for r, (positions, target) in enumerate(zip(decisions, targets)):
@@ -714,8 +739,11 @@ class WiseEditor:
         texts = unrelated_texts(model, config.loc_prefixes, config.loc_length, config.seed)
         texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]
         rows = [encode(model, text) for text in texts]
-        keys = self._keys(model, rows)
-        self._unrelated = keys, _valid_mask(rows, keys.device)
+        valid = _valid_mask(rows, self.mask.device)
+        if self.common is None:
+            self.common = common_directions(self._keys(model, rows, specific=False)[valid], config.common_directions)
+        self.common = self.common.to(self.mask.device)
+        self._unrelated = self._keys(model, rows), valid
 
     @torch.no_grad()
     def _corrupted_subjects(self, model, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -744,8 +772,9 @@ class WiseEditor:
         return keys, _valid_mask(rows, keys.device)
 
     @torch.no_grad()
-    def _keys(self, model, rows: list[list[int]], hooks=()) -> torch.Tensor:
-        """Down-projection inputs at the side layer, (rows, longest row, d_mlp), right-padded."""
+    def _keys(self, model, rows: list[list[int]], hooks=(), specific: bool = True) -> torch.Tensor:
+        """Down-projection inputs at the side layer, (rows, longest row, d_mlp), right-padded; with
+        ``specific``, without their components along :attr:`common`."""
         captured = {}
 
         def keep(value: torch.Tensor, hook) -> None:
@@ -753,7 +782,15 @@ class WiseEditor:
 
         model.run_with_hooks(right_padded(model, rows), stop_at_layer=self.layer + 1,
                              fwd_hooks=[*hooks, (ModelAdapter.mlp_key(self.layer), keep)])
-        return captured["keys"]
+        return self._specific(captured["keys"]) if specific else captured["keys"]
+
+    def _specific(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys without their components along the directions every input shares: the side memories
+        read only this part, so they cannot respond to what all prompts have in common."""
+        if self.common is None or not self.common.shape[1]:
+            return keys
+        basis = self.common.to(keys.device, keys.dtype)
+        return keys - (keys @ basis) @ basis.T
 
     def _move_to(self, device) -> None:
         for memory in self.stored + [self.current]:
@@ -768,6 +805,8 @@ class WiseEditor:
         tensors = {f"stored.{i}": _cpu(m.delta) for i, m in enumerate(self.stored)}
         tensors["current"] = _cpu(self.current.delta)
         tensors["mask"] = self.mask.to("cpu", torch.uint8).contiguous()
+        if self.common is not None and self.common.numel():
+            tensors["common"] = _cpu(self.common)
         meta = {
             "config": dataclasses.asdict(self.config),
             "layer": self.layer,
@@ -795,6 +834,7 @@ class WiseEditor:
         editor.stored = records
         editor.current = SideMemory(tensors["current"], _inf_if_none(last["min_act"]), last["n_edits"])
         editor.mask = tensors["mask"].bool()
+        editor.common = tensors.get("common")
         editor.layer, editor.model_name = meta["layer"], meta["model_name"]
         editor.base_fingerprint, editor.merged = meta["base_fingerprint"], meta["merged"]
         editor.saved_shards = meta["saved_shards"]

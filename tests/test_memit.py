@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from editing.covariance import CorpusConfig, key_second_moments
-from editing.evaluate import evaluate_counterfact
+from editing.evaluate import evaluate_counterfact, locality_pairs
 from editing.memit import MemitConfig, apply_memit, compute_keys, context_templates, memit_update
 from editing.requests import EditRequestError
 from editing.weights import EditStateError, WeightEdit, fingerprints
@@ -113,6 +113,15 @@ def test_bad_requests_change_nothing(tiny_llama):
     with pytest.raises(ValueError, match="out of range"):
         apply_memit(tiny_llama, REQUESTS, dataclasses.replace(TINY_CONFIG, layers=(9,)))
     assert fingerprints(tiny_llama, (1, 2)) == before
+
+
+def test_locality_pairs_leave_out_prompts_edited_in_the_same_run():
+    spain, italy = ("The capital of Spain is", "Madrid"), ("The capital of Italy is", "Rome")
+    france = Fact("France", "The capital of {} is", "Paris", "Lyon", locality=(spain, italy))
+    edited_spain = Fact("Spain", "The capital of {} is", "Madrid", "Lisbon",
+                        locality=(("The capital of France is", "Paris"),))
+    assert locality_pairs([france]) == [spain, italy]
+    assert locality_pairs([france, edited_spain]) == [italy]  # both answers are meant to change
 
 
 def test_markdown_table_shows_fractions_as_percentages_and_plain_columns_as_they_are():

@@ -9,7 +9,8 @@ import torch
 
 from editing.evaluate import evaluate_accuracy, locality_predictions, read_continuations
 from editing.requests import EditRequestError
-from editing.wise import WiseConfig, WiseEditor, default_layer, running_score, ties_merge
+from editing.wise import (WiseConfig, WiseEditor, activation_scores, common_directions, default_layer, running_score,
+                          ties_merge)
 from tracing.adapter import ModelAdapter
 from tracing.facts import Fact, known_facts
 from tracing.models import load_model
@@ -163,6 +164,29 @@ def test_only_masked_entries_are_trained(tiny_llama, attached):
     assert changed.any()
     assert not (changed & ~editor.mask).any()
     assert float(editor.current.delta.abs().max()) <= FAST.norm_constraint
+
+
+def test_common_directions_are_the_leading_eigenvectors_of_the_key_moment():
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    keys = 0.1 * torch.randn(500, 16, generator=generator) + (2.0 + torch.randn(500, 1, generator=generator)) * shared
+    basis = common_directions(keys, 3)
+    assert basis.shape == (16, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    assert abs(float(basis[:, 0] @ shared)) > 0.99  # the shared (mean) direction comes first
+    assert common_directions(keys, 0).shape == (16, 0)
+
+
+def test_side_memories_do_not_respond_to_the_common_directions(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(FAST, common_directions=2))
+    editor.edit(EIFFEL)
+    common = editor.common.T  # (2, d_mlp): keys made only of the directions generic text shares
+    assert common.shape == (2, ModelAdapter.of(tiny_llama).d_mlp)
+    delta = editor.current.delta
+    other = torch.nn.functional.normalize(torch.randn(2, delta.shape[1], generator=torch.Generator().manual_seed(0)))
+    # the side memory learns only from keys without these components, so Δ comes out orthogonal to them
+    assert float(activation_scores(common, delta).max()) < 1e-4 * float(activation_scores(other, delta).min())
+    torch.testing.assert_close(editor._specific(common), torch.zeros_like(common), atol=1e-5, rtol=0)
 
 
 def test_ties_merge_trims_elects_signs_and_averages_the_agreeing_entries():
