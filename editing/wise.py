@@ -24,7 +24,7 @@ decides, per input, whether that layer's output comes from the main memory or fr
   threshold, and routes to the one with the largest score above its threshold. **WISE-Merge**
   (``retrieve=False``) folds every merge into one memory and uses one global threshold.
 
-Choices of this implementation, and why they differ from EasyEdit:
+Choices of this implementation, and why they differ from EasyEdit (each measured when it was made):
 
 * **Causal routing on the running maximum.** The decision at position ``t`` uses the largest per-token
   score among positions ``<= t`` (``score="max"``; ``"mean"`` uses their mean). EasyEdit averages over the
@@ -366,7 +366,7 @@ class _Batch:
     target_rows: torch.Tensor
     target_positions: torch.Tensor
     target_tokens: torch.Tensor
-    target_weights: torch.Tensor  # 1 / (tokens of the row's target x rows)
+    target_weights: torch.Tensor  # 1 / (tokens of the row's target x rows per fact)
     calls: list[tuple[tuple, dict]]  # recorded arguments of the blocks after the side layer
     unrelated_keys: torch.Tensor  # (J, S', d_mlp)
     unrelated_valid: torch.Tensor  # (J, S')
@@ -636,7 +636,7 @@ class WiseEditor:
         spec = []
         for r, (positions, target) in enumerate(zip(decisions, targets)):
             decision[r, list(positions)] = True
-            spec += [(r, p, t, 1.0 / len(target) / len(rows)) for p, t in zip(positions, target)]
+            spec += [(r, p, t, 1.0 / len(target) / len(self._contexts)) for p, t in zip(positions, target)]
         target_rows, target_positions, target_tokens, target_weights = zip(*spec)
         long = functools.partial(torch.tensor, dtype=torch.long, device=device)
         unrelated = _stack_padded([self._unrelated, self._corrupted_subjects(model, facts)])
@@ -687,7 +687,10 @@ class WiseEditor:
         return step + 1, value
 
     def _loss(self, model, batch: _Batch, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy of the new targets plus the three routing margins, every row through Δ."""
+        """Cross-entropy of the new targets plus the three routing margins, every row through Δ. The edit
+        rows' terms are averaged over each fact's contexts and summed over the facts of the call, so a fact
+        edited in a batch learns as fast as one edited alone (with the mean over a batch of 10, one call
+        of 40 steps left the new targets' NLL at 3.0 per fact; summed, 0.19 after 25 steps)."""
         config = self.config
         change = batch.keys @ delta.T
         final = replay_later_blocks(model, self.layer, batch.calls, batch.hidden + change.to(batch.hidden.dtype))
@@ -698,8 +701,8 @@ class WiseEditor:
         return {
             "nll": (nll * batch.target_weights).sum(),
             "below_alpha": torch.relu(out_rows - config.alpha).mean(),
-            "above_beta": torch.relu(config.beta - in_rows).mean(),
-            "gap": torch.relu(out_rows[None, :] - in_rows[:, None] + config.gamma).mean(),
+            "above_beta": torch.relu(config.beta - in_rows).sum() / len(self._contexts),
+            "gap": torch.relu(out_rows[None, :] - in_rows[:, None] + config.gamma).mean(1).sum() / len(self._contexts),
             "replay": self._replay_loss(batch, delta),
         }
 
