@@ -1,11 +1,13 @@
-"""Lifelong (sequential) editing: WISE against MEMIT applied one fact at a time (and GRACE on request).
+"""Lifelong (sequential) editing: WISE against MEMIT applied sequentially (and GRACE on request).
 
-For each T, the same T known facts (a fixed shuffle of ``known_facts()``) are edited one after the other;
-after the last edit, Rel / Gen / Loc (editing.evaluate.evaluate_accuracy: teacher-forced target-token
-accuracy on the prompts and their paraphrases, and agreement with the unedited model on the facts'
-locality prompts) are measured on all T facts, as in the WISE paper's protocol.
+For each T, the same T known facts (a fixed shuffle of ``known_facts()``) are edited one after the other,
+one fact or ``--batch`` facts per call; after the last edit, Rel / Gen / Loc
+(editing.evaluate.evaluate_accuracy: teacher-forced target-token accuracy on the prompts and their
+paraphrases, and agreement with the unedited model on the facts' locality prompts) are measured on all T
+facts, as in the WISE paper's protocol, plus agreement on held-out known facts that no run edits.
 
-    python benchmarks/lifelong.py --edits 1,10 [--methods wise,memit,grace] [--model smollm2] [--threads 2]
+    python benchmarks/lifelong.py --edits 1,10 [--methods wise,memit,grace] [--batch 10] [--wise n_iter=30]
+                                  [--model smollm2] [--threads 2]
 
 Rows are written to ``benchmarks/results/lifelong.json`` (``--out``) after every run, so a long run keeps
 what it finished.
