@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from editing.evaluate import (AccuracySummary, evaluate_accuracy, locality_predictions, markdown_table,
-                              read_continuations)
+from editing.evaluate import (AccuracySummary, agreement, argmax_predictions, evaluate_accuracy,
+                              locality_predictions, markdown_table)
 from editing.grace import GraceConfig, GraceEditor
 from editing.memit import MemitConfig, apply_memit
 from editing.wise import WiseConfig, WiseEditor
@@ -75,15 +74,13 @@ def evaluate(model, method: str, facts: list[Fact], run: Callable, held_out: lis
     model on ``held_out`` facts that no run edits (random known facts, any relation)."""
     baseline = locality_predictions(model, facts)
     unrelated_pairs = [(fact.prompt, fact.target_true) for fact in held_out]
-    unrelated_baseline = [c.predicted for c in read_continuations(model, unrelated_pairs)]
+    unrelated_baseline = argmax_predictions(model, unrelated_pairs)
     undo, seconds = run(model, facts)
     try:
         summary: AccuracySummary = evaluate_accuracy(model, facts, baseline)
-        after = read_continuations(model, unrelated_pairs)
+        unrelated = agreement(model, unrelated_pairs, unrelated_baseline)
     finally:
         undo()
-    unrelated = float(np.mean([np.mean([a == b for a, b in zip(c.predicted, base)])
-                               for c, base in zip(after, unrelated_baseline)]))
     print(f"{method} T={len(facts)}: {summary}, unrelated {unrelated:.3f}, {seconds / len(facts):.1f} s per edit",
           flush=True)
     return {**summary.as_dict(), "unrelated": unrelated, "s/edit": seconds / len(facts)}

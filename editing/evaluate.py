@@ -222,9 +222,23 @@ def locality_pairs(facts: Sequence[Fact]) -> list[tuple[str, str]]:
     return [(prompt, answer) for fact in facts for prompt, answer in fact.locality if prompt not in edited]
 
 
+def argmax_predictions(model, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+    """The model's argmax tokens at each pair's target positions (teacher-forced)."""
+    return [c.predicted for c in read_continuations(model, pairs)]
+
+
+def agreement(model, pairs: Sequence[tuple[str, str]], baseline: list[list[int]]) -> float:
+    """Mean over ``pairs`` of the fraction of argmax tokens equal to ``baseline``'s (nan for no pairs)."""
+    now = argmax_predictions(model, pairs)
+    if len(now) != len(baseline):
+        raise ValueError("baseline does not match these prompts")
+    per_pair = [np.mean([a == b for a, b in zip(tokens, base)]) for tokens, base in zip(now, baseline)]
+    return float(np.mean(per_pair)) if per_pair else float("nan")
+
+
 def locality_predictions(model, facts: Sequence[Fact]) -> list[list[int]]:
     """The model's argmax tokens on every locality pair: call before editing, pass to the evaluation."""
-    return [c.predicted for c in read_continuations(model, locality_pairs(facts))]
+    return argmax_predictions(model, locality_pairs(facts))
 
 
 def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -> AccuracySummary:
@@ -232,15 +246,11 @@ def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -
     rel = read_continuations(model, [(f.prompt, f.target_new) for f in facts])
     para = [(p, f.target_new) for f in facts for p in f.paraphrases]
     gen = read_continuations(model, para) if para else []
-    loc = read_continuations(model, locality_pairs(facts))
-    if len(loc) != len(baseline):
-        raise ValueError("baseline does not match these facts' locality prompts")
-    agreement = [np.mean([a == b for a, b in zip(c.predicted, base)]) for c, base in zip(loc, baseline)]
     return AccuracySummary(
         n_cases=len(facts),
         reliability=float(np.mean([c.accuracy for c in rel])),
         generalization=float(np.mean([c.accuracy for c in gen])) if gen else float("nan"),
-        locality=float(np.mean(agreement)) if agreement else float("nan"),
+        locality=agreement(model, locality_pairs(facts), baseline),
     )
 
 

@@ -745,11 +745,12 @@ class WiseEditor:
         texts = unrelated_texts(model, config.loc_prefixes, config.loc_length, config.seed)
         texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]
         rows = [encode(model, text) for text in texts]
-        valid = _valid_mask(rows, self.mask.device)
-        if self.common is None:
-            self.common = common_directions(self._keys(model, rows, specific=False)[valid], config.common_directions)
-        self.common = self.common.to(self.mask.device)
-        self._unrelated = self._keys(model, rows), valid
+        keys = self._keys(model, rows, specific=False)
+        valid = _valid_mask(rows, keys.device)
+        if self.common is None:  # a loaded editor brings its own
+            self.common = common_directions(keys[valid], config.common_directions)
+        self.common = self.common.to(keys.device)
+        self._unrelated = self._specific(keys), valid
 
     @torch.no_grad()
     def _corrupted_subjects(self, model, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
