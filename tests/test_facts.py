@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tracing.facts import Fact, fact_from_prompt, known_facts, load_facts, save_facts
+from tracing.facts import Fact, fact_from_prompt, known_facts, load_facts, save_facts, unused_fact_prompts
 from tracing.tokens import SubjectNotFoundError
 
 COUNTERFACT_RECORD = {
@@ -87,6 +87,19 @@ def test_bundled_known_facts_are_well_formed():
         assert fact.target_new and fact.target_new != fact.target_true
         assert fact.subject in fact.prompt
     assert len({f.relation for f in facts}) >= 5
+
+
+def test_unused_fact_prompts_are_fact_shaped_and_read_by_no_bundled_record():
+    unused = unused_fact_prompts()
+    assert len(unused) > 1000 and len(set(unused)) == len(unused)
+    used = set()
+    for fact in known_facts():
+        used.update([fact.prompt, *fact.paraphrases, *fact.neighborhood, *(p for p, _ in fact.locality)])
+    assert not used & set(unused)
+    # each is a bundled relation's template with another subject in its slot
+    templates = {tuple(fact.template.split("{}")) for fact in known_facts()}
+    assert all(any(p.startswith(before) and p.endswith(after) and len(p) > len(before) + len(after)
+                   for before, after in templates) for p in unused)
 
 
 def test_atomic_writes_leave_normal_permissions(tmp_path):

@@ -72,9 +72,36 @@ def test_an_edit_makes_the_new_target_the_argmax_and_routes_only_the_edited_prom
 
     edited, *unrelated = editor.route([EIFFEL.prompt, *UNRELATED])
     threshold = editor.thresholds()[0]
-    assert threshold == pytest.approx(TINY.act_ratio * min(result.in_scores))
+    assert threshold == pytest.approx(max(TINY.act_ratio * min(result.in_scores), editor.memories[0].floor))
     assert edited.memory == 0 and edited.scores[0] > threshold
     assert all(r.memory is None and r.scores[0] < threshold for r in unrelated)
+
+
+def test_the_threshold_floor_keeps_every_calibration_prompt_on_the_main_memory(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(TINY, negatives=16, negatives_per_edit=8, calibration=32))
+    negatives, calibration = editor.negative_prompts, editor.calibration_prompts
+    assert len(negatives) == 16 and len(calibration) == 32 and not set(negatives) & set(calibration)
+    editor.edit(EIFFEL)
+    memory = editor.memories[0]
+    routes = editor.route(calibration)
+    scores = sorted(r.scores[0] for r in routes)
+    # the floor is the largest score of a calibration prompt (quantile 1.0), so none of them is routed ...
+    assert memory.floor == pytest.approx(scores[-1]) and memory.floor > 0
+    assert all(r.memory is None for r in routes)
+    # ... and a lower quantile lets the top few through
+    assert editor._calibrated_floor(memory) == pytest.approx(scores[-1])
+    editor.config = dataclasses.replace(editor.config, calibration_quantile=0.5)
+    assert editor._calibrated_floor(memory) == pytest.approx(float(torch.tensor(scores).quantile(0.5)))
+
+
+def test_negative_rows_never_name_a_subject_of_the_edit(tiny_llama, attached):
+    negatives = ["The capital of France is", "Paris is a city in", "The Eiffel Tower is made of", "My dog is"]
+    editor = attached(tiny_llama, editor=WiseEditor(dataclasses.replace(TINY, negatives_per_edit=4), negatives, []))
+    keys, valid = editor._negative_rows([EIFFEL])
+    assert len(keys) == 3  # the Eiffel Tower prompt is left out
+    kept, _ = editor._negatives
+    assert all(any(torch.equal(k, kept[i]) for i in (0, 1, 3)) for k in keys)
+    assert editor.calibration_prompts == [] and editor._calibrated_floor(editor.current) == 0.0
 
 
 def test_unrelated_prompts_keep_bit_identical_logits_and_detach_restores_everything(tiny_llama, attached):
@@ -210,6 +237,8 @@ def test_save_and_load_round_trip_exactly(tiny_llama, attached, tmp_path):
 
     loaded = WiseEditor.load(path)
     assert loaded.config == editor.config and loaded.n_edits == 2 and loaded.requests == editor.requests
+    assert (loaded.negative_prompts, loaded.calibration_prompts) == (editor.negative_prompts, editor.calibration_prompts)
+    assert [m.floor for m in loaded.memories] == [m.floor for m in editor.memories]
     attached(tiny_llama, editor=loaded)
     assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, people(1)[0].prompt, *UNRELATED]), expected)
     assert loaded.thresholds() == editor.thresholds()
@@ -240,26 +269,28 @@ def test_sequential_edits_on_the_embedded_model(embedded, attached):
     for fact in known_facts():
         first_of_relation.setdefault(fact.relation, fact)
     relations = list(first_of_relation.values())
-    # Locality as in the WISE paper (zsRE's unrelated questions): 30 prompts of six relations that are not
-    # edited. The bundled locality pairs (other subjects of the edited relation) are routed to the side
-    # memory once it holds an edit of that relation; see the module documentation.
-    facts = [dataclasses.replace(edit, locality=first.locality + second.locality)
-             for edit, first, second in zip(relations[::6][:3], relations[3::6][:3], relations[4::6][:3])]
-    baseline = locality_predictions(embedded, facts)
+    edits = relations[::6][:3]  # capital of Germany -> Jerusalem, currency of the UK -> lira, hot -> wet
+    # Two locality sets: the bundled pairs (other subjects of the edited relations, the hard case) and, as
+    # in the WISE paper's unrelated questions, 30 prompts of six relations that are not edited.
+    other = [dataclasses.replace(edit, locality=first.locality + second.locality)
+             for edit, first, second in zip(edits, relations[3::6][:3], relations[4::6][:3])]
+    own_baseline, other_baseline = locality_predictions(embedded, edits), locality_predictions(embedded, other)
     editor = attached(embedded, WiseConfig())
     layer_weight = ModelAdapter.down_projection(embedded, editor.layer).detach().clone()
-    for fact in facts:
+    for fact in edits:
         editor.edit(fact)
     assert [m.n_edits for m in editor.memories] == [3]  # edits accumulate in one side memory
-    summary = evaluate_accuracy(embedded, facts, baseline)
-    assert summary.reliability >= 0.9
-    # measured 0.90: the Germany -> Jerusalem edit also answers "Jerusalem" to 3 of the 30 prompts whose
-    # answer is a city or Germany (Frankfurt is a city in the country of / the White House is located in
-    # the city of / the Rijksmuseum ...); they score just above the threshold
-    assert summary.locality >= 0.85
-    routes = editor.route([f.prompt for f in facts] + UNRELATED)
-    assert [r.memory for r in routes[: len(facts)]] == [0] * len(facts)
-    assert [r.memory for r in routes[len(facts):]] == [None] * len(UNRELATED)
+    own, unrelated = evaluate_accuracy(embedded, edits, own_baseline), evaluate_accuracy(embedded, other, other_baseline)
+    # measured: reliability 1.0, generalization 1.0, locality 1.0 on both sets (the neighbours score 12-76
+    # against a threshold of 85; before the fact-shaped negatives and the calibrated floor, 10 of the 15
+    # neighbours were routed and "The capital of Hungary is" answered Jerusalem: locality 0.49)
+    assert own.reliability >= 0.9 and own.generalization >= 0.5
+    assert own.locality >= 0.9 and unrelated.locality >= 0.9
+    neighbours = editor.route([prompt for fact in edits for prompt, _ in fact.locality])
+    assert sum(r.memory is not None for r in neighbours) <= 2
+    routes = editor.route([f.prompt for f in edits] + UNRELATED)
+    assert [r.memory for r in routes[: len(edits)]] == [0] * len(edits)
+    assert [r.memory for r in routes[len(edits):]] == [None] * len(UNRELATED)
     assert torch.equal(ModelAdapter.down_projection(embedded, editor.layer), layer_weight)
 
 

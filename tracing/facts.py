@@ -222,3 +222,18 @@ def known_facts(limit: int | None = None, relation: str | None = None) -> list[F
     if relation is not None:
         facts = [f for f in facts if f.relation == relation]
     return facts[:limit]
+
+
+def unused_fact_prompts() -> list[str]:
+    """Fact-shaped prompts about real subjects that no bundled record reads: the prompts of the candidate
+    facts SmolLM2 does not know, minus every prompt a bundled record uses (as its prompt, paraphrase,
+    neighbourhood or locality prompt). An editor may train against them without touching any prompt an
+    evaluation of the bundled facts reads; WISE's router does (the role EasyEdit gives to NQ questions
+    from a training split)."""
+    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
+
+    used = set()
+    for fact in known_facts():
+        used.update([fact.prompt, *fact.paraphrases, *fact.neighborhood, *(p for p, _ in fact.locality)])
+    prompts = dict.fromkeys(c.prompt for c in load_candidates(CANDIDATES_FILE))
+    return [prompt for prompt in prompts if prompt not in used]
