@@ -97,20 +97,23 @@ Choices of this implementation, and why they differ from EasyEdit (each measured
   edits: Rel/Gen/Loc 0.95/0.78/0.88 with it, 0.95/0.68/0.86 without.
 * **Margins** are in units of the activation score, which scale with the model; see :class:`WiseConfig`.
 
-Known limitation, measured on SmolLM2 (3 sequential edits of different relations: capital of Germany ->
-Jerusalem, currency of the UK -> lira, opposite of hot -> wet): the side memory answers to what an edit
-has in common with other prompts, not only to its subject. The bundled locality pairs (other subjects of
-the same relation) score 200-240 against a threshold of 194 and 10 of 15 are routed: "The capital of
-Hungary is" -> Jerusalem, Loc 0.49. Of 30 prompts of six unedited relations, 3 whose answer is a city or
-Germany are routed and answer Jerusalem (Loc 0.90). Routing decides on one threshold per memory, set by
-its weakest edit, so one strongly written edit leaks more than its own threshold would allow.
+Known limitation, measured on SmolLM2: the activation score of one linear side memory does not separate
+many edits from other facts of the same relations. With 3 sequential edits of different relations
+(capital of Germany -> Jerusalem, currency of the UK -> lira, opposite of hot -> wet) the negatives and
+the floor suffice: Rel/Gen 1.00/1.00, the 15 bundled neighbours (other subjects of the same relations)
+score 12-76 against a threshold of 85 and none is routed (Loc 1.00; before: 10 of 15 routed, "The
+capital of Hungary is" -> Jerusalem, Loc 0.49). At scale the floor chooses locality over reliability.
 
-At scale (``benchmarks/lifelong.py``, 1 thread; see the README for the tables): with 100 single edits
-in one shard, later edits overwrite earlier ones: Rel/Gen/Loc 0.11/0.09/0.96 (before the common-direction
-projection 0.31/0.19/0.81), against sequential MEMIT's 0.94/0.74/0.78. At T = 1000 in calls of 10 facts (``n_iter``
-30, ``edit_lr`` 2), the merged memory of two 500-edit shards keeps Rel/Gen 0.12/0.10 and routes so much
-that locality falls to 0.34 (held-out facts 0.33): far above sequential MEMIT, which has collapsed
-(0.03/0.02/0.00), and far below the paper's locality of 0.99.
+At scale (``benchmarks/lifelong.py``, 1 thread; see the README for the tables): 100 single edits in one
+shard give Rel/Gen/Loc/held-out 0.05/0.05/1.00/0.99 (before the negatives and the floor 0.11/0.09/0.96/0.94;
+sequential MEMIT 0.94/0.74/0.78/0.76): later edits weaken earlier ones, which then score below the floor.
+At T = 1000 in calls of 10 facts (``n_iter`` 30, ``edit_lr`` 2), the merged memory of two 500-edit shards
+gives 0.04/0.04/0.98/0.97 (before: 0.12/0.10/0.34/0.33; sequential MEMIT has collapsed, 0.03/0.02/0.00/0.01).
+Not yet tried: a floor that also counts prompts naming an edited subject in another relation (the
+calibration leaves them out, but at T = 1000 a third of the locality prompts and 38 % of the held-out
+facts are of that kind), scores divided by
+the key's norm (offline, on the 100-edit memory: 19 % of the edits above the floor instead of 10 %, their
+neighbours 1.5 % instead of 0.6 %), and more, smaller shards under WISE-Retrieve.
 
 The main model never changes: :meth:`WiseEditor.detach` removes the hooks and the model's outputs are bit
 for bit those of the unedited model.
@@ -170,6 +173,9 @@ class WiseConfig:
     plain linear penalty. We scale the margins by 4 (20 / 80 / 40), which puts ``beta`` at the level of
     unrelated text (10 edits, Rel/Gen/Loc 0.95/0.55/0.97 against 0.95/0.57/0.93 with 5 / 20 / 10). On other
     models, measure the scores (:meth:`WiseEditor.route`, :class:`EditResult`) and scale accordingly.
+
+    ``calibration_quantile`` sets how strict the threshold floor is: 1.0 keeps every calibration prompt on
+    the main memory; 0.99 lets the top 1 % through and answers more edits (see the module docstring).
     """
 
     layer: int | None = None  # None: default_layer(n_layers)
