@@ -805,20 +805,19 @@ class WiseEditor:
         self._contexts = [context for group in groups for context in group]
         texts = unrelated_texts(model, config.loc_prefixes, config.loc_length, config.seed)
         texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]
-        rows = [encode(model, text) for text in texts]
-        keys = self._keys(model, rows, specific=False)
-        valid = _valid_mask(rows, keys.device)
+        keys, valid = self._prompt_keys(model, texts)
         if self.negative_prompts is None or self.calibration_prompts is None:  # disjoint draws from one pool
             pool = unused_fact_prompts()
             random.Random(config.seed).shuffle(pool)
             if self.negative_prompts is None:
                 self.negative_prompts = pool[: config.negatives]
             if self.calibration_prompts is None:
-                pool = [prompt for prompt in pool if prompt not in set(self.negative_prompts)]
+                taken = set(self.negative_prompts)
+                pool = [prompt for prompt in pool if prompt not in taken]
                 self.calibration_prompts = pool[: config.calibration]
         negatives = self._prompt_keys(model, self.negative_prompts)
         if self.common is None:  # a loaded editor brings its own
-            last = negatives[0][torch.arange(len(negatives[1])), negatives[1].sum(1) - 1]
+            last = negatives[0][torch.arange(len(negatives[1])), negatives[1].sum(1) - 1].to(keys.device)
             self.common = common_directions(torch.cat([keys[valid], last]), config.common_directions)
         self.common = self.common.to(keys.device)
         self._unrelated = self._specific(keys), valid
@@ -837,7 +836,7 @@ class WiseEditor:
 
     def _negative_rows(self, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
         """``negatives_per_edit`` negative prompts, drawn anew for each call, none naming a subject of it."""
-        allowed = [i for i, prompt in enumerate(self.negative_prompts) if not any(f.subject in prompt for f in facts)]
+        allowed = _naming_none(self.negative_prompts, {fact.subject for fact in facts})
         rng = random.Random(self.config.seed * 7919 + self.n_edits)
         chosen = rng.sample(allowed, min(self.config.negatives_per_edit, len(allowed)))
         keys, valid = self._negatives
@@ -849,8 +848,7 @@ class WiseEditor:
         """The ``calibration_quantile`` of the memory's scores on the calibration prompts (fact-shaped
         prompts it was never trained on) that name no edited subject: a threshold floor that bounds how
         often prompts about other subjects are routed."""
-        subjects = {fact.subject for fact in self.requests}
-        kept = [i for i, prompt in enumerate(self.calibration_prompts) if not any(s in prompt for s in subjects)]
+        kept = _naming_none(self.calibration_prompts, {fact.subject for fact in self.requests})
         if not kept:
             return 0.0
         keys, valid = (t[torch.tensor(kept, device=t.device)].to(memory.delta.device) for t in self._calibration)
@@ -970,6 +968,11 @@ def _real_positions(call: _Call, key: torch.Tensor) -> torch.Tensor | None:
     if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
         return None
     return mask[:, -length:].bool()
+
+
+def _naming_none(prompts: Sequence[str], subjects: set[str]) -> list[int]:
+    """Indices of the prompts that contain none of ``subjects``."""
+    return [i for i, prompt in enumerate(prompts) if not any(subject in prompt for subject in subjects)]
 
 
 def _valid_mask(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
