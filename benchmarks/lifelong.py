@@ -38,6 +38,14 @@ from tracing.models import load_model
 DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.json"
 
 
+def split_facts(seed: int, held_out: int) -> tuple[list[Fact], list[Fact]]:
+    """The known facts in a fixed shuffle: the pool every run takes its first T from, and the last
+    ``held_out`` that no run edits."""
+    pool = known_facts()
+    random.Random(seed).shuffle(pool)
+    return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
+
+
 def batches(facts: list[Fact], size: int) -> list[list[Fact]]:
     return [facts[i: i + size] for i in range(0, len(facts), size)]
 
@@ -107,8 +115,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model = load_model(args.model)
-    pool = known_facts()
-    random.Random(args.seed).shuffle(pool)
+    pool, held_out = split_facts(args.seed, args.held_out)
     overrides = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.wise)}
     wise_config = WiseConfig(retrieve=not args.merge, save_freq=args.save_freq, merge_freq=args.merge_freq,
                              **overrides)
@@ -120,7 +127,6 @@ def main() -> None:
     changed = [f"{f.name} {getattr(wise_config, f.name)}" for f in dataclasses.fields(WiseConfig)
                if getattr(wise_config, f.name) != getattr(WiseConfig(), f.name)]
     labels = {"wise": f"wise ({', '.join(changed)})" if changed else "wise"}
-    held_out, pool = pool[len(pool) - args.held_out:], pool[: len(pool) - args.held_out]
     suffix = f", batch {args.batch}" if args.batch > 1 else ""
     rows = {}
     for t in (int(n) for n in args.edits.split(",")):

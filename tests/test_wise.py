@@ -12,14 +12,17 @@ from editing.requests import EditRequestError
 from editing.wise import (WiseConfig, WiseEditor, activation_scores, common_directions, default_layer, running_score,
                           ties_merge)
 from tracing.adapter import ModelAdapter
-from tracing.facts import Fact, known_facts
+from tracing.facts import Fact, evaluated_prompts, known_facts
 from tracing.models import load_model
 from tracing.tokens import encode
 
 # Tiny random models need bigger steps than SmolLM2 and have their own score scale (measured: edited
-# prompts score 40-110, unrelated text 10-30 with these margins).
+# prompts score 40-110, unrelated text 10-30 with these margins). Their keys know no subjects or relations,
+# so the subject and relation negatives (other relations of the subject, other subjects of the relation) and
+# the subject-prefix rows would only fight the edit: off here, tested on their own below.
 TINY = WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, alpha=10.0, beta=40.0, gamma=20.0,
-                  loc_prefixes=("In", "We", "It", "My", "This", "When", "There", "She"), corrupted_samples=4)
+                  loc_prefixes=("In", "We", "It", "My", "This", "When", "There", "She"), corrupted_samples=4,
+                  subject_negatives=0, relation_negatives=0, subject_prefix=False)
 FAST = dataclasses.replace(TINY, n_iter=2)  # bookkeeping tests: the edits need not succeed
 EIFFEL = Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome")
 UNRELATED = ["My favourite food is", "The weather today is", "She opened the door and"]
@@ -89,9 +92,29 @@ def test_the_threshold_floor_keeps_every_calibration_prompt_on_the_main_memory(t
     assert memory.floor == pytest.approx(scores[-1]) and memory.floor > 0
     assert all(r.memory is None for r in routes)
     # ... and a lower quantile lets the top few through
-    assert editor._calibrated_floor(memory) == pytest.approx(scores[-1])
     editor.config = dataclasses.replace(editor.config, calibration_quantile=0.5)
-    assert editor._calibrated_floor(memory) == pytest.approx(float(torch.tensor(scores).quantile(0.5)))
+    editor._refresh_floors()
+    assert memory.floor == pytest.approx(float(torch.tensor(scores).quantile(0.5)))
+
+
+@pytest.mark.parametrize("mode", ["joint", "memory"])
+def test_floors_keep_every_calibration_prompt_off_every_memory(tiny_llama, attached, mode):
+    config = dataclasses.replace(FAST, save_freq=1, merge_freq=100, calibration=32, negatives=16, negatives_per_edit=8,
+                                 calibration_mode=mode)
+    editor = attached(tiny_llama, config)
+    for fact in people(3):
+        editor.edit(fact)
+    memories = editor.memories
+    assert len(memories) == 3 and all(m.floor > 0 and len(m.in_scores) == 1 for m in memories)
+    routes = editor.route(editor.calibration_prompts)
+    assert all(r.memory is None for r in routes)
+    ratios = torch.tensor([r.scores for r in routes]) / torch.tensor([m.floor for m in memories])  # (prompts, memories)
+    if mode == "joint":  # one factor over the memories' scales; the top prompt sits exactly at its memory's floor
+        factors = [m.floor / m.scale for m in memories]
+        assert max(factors) == pytest.approx(min(factors))
+        assert float(ratios.max()) == pytest.approx(1.0, rel=1e-4)
+    else:  # each memory's own maximum
+        torch.testing.assert_close(ratios.max(0).values, torch.ones(3), rtol=1e-4, atol=0)
 
 
 def test_negative_rows_never_name_a_subject_of_the_edit(tiny_llama, attached):
@@ -101,7 +124,63 @@ def test_negative_rows_never_name_a_subject_of_the_edit(tiny_llama, attached):
     assert len(keys) == 3  # the Eiffel Tower prompt is left out
     kept, _ = editor._negatives
     assert all(any(torch.equal(k, kept[i]) for i in (0, 1, 3)) for k in keys)
-    assert editor.calibration_prompts == [] and editor._calibrated_floor(editor.current) == 0.0
+    editor.edit(EIFFEL)
+    assert editor.calibration_prompts == [] and editor.memories[0].floor == 0.0
+
+
+def test_subject_and_relation_negatives_are_other_facts_of_the_subject_and_of_the_relation(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(TINY, subject_negatives=6, relation_negatives=5))
+    germany = known_facts(relation="P36")[0]  # The capital of Germany is -> Berlin
+    assert (germany.subject, germany.relation) == ("Germany", "P36")
+    editor.requests = [dataclasses.replace(germany, template="In {}, the official language is", relation="P37")]
+    keys, valid = editor._subject_negative_rows(tiny_llama, [germany])
+    assert len(keys) == 6 + 5 and valid.any(1).all()
+    # the subject in templates of relations edited for it neither now nor before
+    same_subject = editor._subject_negative_prompts([germany])
+    assert len(same_subject) == 6 and all("Germany" in p for p in same_subject)
+    own = {t.replace("{}", "Germany") for r in ("P36", "P37") for t in editor.templates[r]}
+    assert not set(same_subject) & own
+    # the relation's templates about subjects other than Germany, none named by a calibration prompt
+    same_relation = editor._relation_negative_prompts([germany])
+    assert len(same_relation) == 5
+    parsed = [editor._parse(p) for p in same_relation]
+    assert all(relation == "P36" and subject != "Germany" for subject, relation in parsed)
+    assert not {subject for subject, _ in parsed} & {editor._parse(p)[0] for p in editor.calibration_prompts}
+    # no prompt an evaluation or the calibration reads
+    assert not set(same_subject + same_relation) & (evaluated_prompts() | set(editor.calibration_prompts))
+    # an edit whose template is a known relation's gets that relation even without a relation id
+    assert editor._relation_of(dataclasses.replace(germany, relation=None)) == "P36"
+
+
+def test_calibration_leaves_out_the_edited_facts_and_by_choice_their_subjects(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(TINY, calibration=0))
+    germany = known_facts(relation="P36")[0]
+    prompts = ["The capital of Germany is", "The capital city of Germany is", "In Germany, the official language is",
+               "The capital of France is", "Germany and France are", "The capital of East Germany is"]
+    assert editor._parse(prompts[2]) == ("Germany", "P37") and editor._parse(prompts[4]) is None
+    # "fact": only prompts of the edited (subject, relation) or of unknown shape that name the subject
+    assert editor._out_of_scope(prompts, [germany]) == [2, 3]
+    editor.config = dataclasses.replace(editor.config, calibration_scope="subject")
+    assert editor._out_of_scope(prompts, [germany]) == [3]
+    with pytest.raises(ValueError, match="calibration_scope"):
+        WiseConfig(calibration_scope="relation")
+
+
+def test_edit_rows_up_to_the_subject_are_trained_as_unrelated_rows(tiny_llama, attached):
+    plain = attached(tiny_llama, FAST)
+    rows_without = plain._batch(tiny_llama, [EIFFEL]).unrelated_valid
+    plain.detach()
+    editor = attached(tiny_llama, dataclasses.replace(FAST, subject_prefix=True))
+    batch = editor._batch(tiny_llama, [EIFFEL])
+    added = batch.unrelated_valid[len(rows_without):]
+    assert len(added) == len(batch.keys)  # one prefix row per edit row
+    for row, valid in zip(batch.keys, added):
+        # each covers the tokens up to the subject's last one, and never a position that predicts the target
+        length = int(valid.sum())
+        assert valid[:length].all() and not valid[length:].any()
+    bare = editor._contexts.index("{}")
+    assert int(added[bare].sum()) == len(encode(tiny_llama, "The Eiffel Tower"))
+    assert (added & batch.decision).sum() == 0
 
 
 def test_unrelated_prompts_keep_bit_identical_logits_and_detach_restores_everything(tiny_llama, attached):

@@ -224,16 +224,46 @@ def known_facts(limit: int | None = None, relation: str | None = None) -> list[F
     return facts[:limit]
 
 
-def unused_fact_prompts() -> list[str]:
-    """Fact-shaped prompts about real subjects that no bundled record reads: the prompts of the candidate
-    facts SmolLM2 does not know, minus every prompt a bundled record uses (as its prompt, paraphrase,
-    neighbourhood or locality prompt). An editor may train against them without touching any prompt an
-    evaluation of the bundled facts reads; WISE's router does (the role EasyEdit gives to NQ questions
-    from a training split)."""
-    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
-
+def evaluated_prompts() -> set[str]:
+    """Every prompt a bundled record reads: its prompt, paraphrases, neighbourhood and locality prompts.
+    Whatever an editor trains or calibrates on must stay out of this set, or the evaluation of the
+    bundled facts would measure memorisation."""
     used = set()
     for fact in known_facts():
         used.update([fact.prompt, *fact.paraphrases, *fact.neighborhood, *(p for p, _ in fact.locality)])
+    return used
+
+
+def unused_fact_prompts() -> list[str]:
+    """Fact-shaped prompts about real subjects that no bundled record reads: the prompts of the candidate
+    facts SmolLM2 does not know, minus :func:`evaluated_prompts`. An editor may train against them without
+    touching any prompt an evaluation of the bundled facts reads; WISE's router does (the role EasyEdit
+    gives to NQ questions from a training split)."""
+    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
+
+    used = evaluated_prompts()
     prompts = dict.fromkeys(c.prompt for c in load_candidates(CANDIDATES_FILE))
     return [prompt for prompt in prompts if prompt not in used]
+
+
+def relation_templates() -> dict[str, tuple[str, ...]]:
+    """Per relation id of the bundled candidates, its prompt templates (main template and paraphrases,
+    each with one ``{}``): the ways of asking about a subject that an edit of *another* relation must
+    leave alone."""
+    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
+
+    templates: dict[str, tuple[str, ...]] = {}
+    for candidate in load_candidates(CANDIDATES_FILE):
+        relation = candidate.relation
+        templates.setdefault(relation.relation_id, (relation.template, *relation.paraphrases))
+    return templates
+
+
+def relation_subjects() -> dict[str, tuple[str, ...]]:
+    """Per relation id of the bundled candidates, the subjects it lists (known to SmolLM2 or not)."""
+    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
+
+    subjects: dict[str, list[str]] = {}
+    for candidate in load_candidates(CANDIDATES_FILE):
+        subjects.setdefault(candidate.relation.relation_id, []).append(candidate.subject)
+    return {relation: tuple(names) for relation, names in subjects.items()}

@@ -1,0 +1,86 @@
+"""Where WISE routes after T sequential edits: the lifelong metrics plus the share of prompts each kind
+sends to a side memory, for one configuration at a time (the ablations in editing/wise.py's docstring).
+
+    python benchmarks/wise_routing.py NAME T [batch=10] [FIELD=VALUE ...]
+
+Same facts, held-out set and metrics as ``benchmarks/lifelong.py`` (Rel / Gen / Loc / Unrel), WISE with
+``n_iter=30, edit_lr=2.0, corrupted_samples=8`` unless overridden, one thread. Besides the metrics it reports
+the routed share of the edit prompts, of the locality prompts (split by whether they name a subject edited
+in another relation) and of the held-out facts, and appends a row to
+``benchmarks/results/wise_routing.jsonl``; ``--save`` keeps the editor for offline analysis.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from editing.evaluate import argmax_predictions, locality_pairs, read_continuations
+from editing.wise import WiseConfig, WiseEditor
+from lifelong import split_facts
+from tracing.models import load_model
+
+OUT = Path(__file__).parent / "results" / "wise_routing.jsonl"
+BENCHMARK = dict(n_iter=30, edit_lr=2.0, corrupted_samples=8)
+
+
+def agreement_per_pair(model, pairs, baseline) -> list[float]:
+    return [float(np.mean([a == b for a, b in zip(now, base)]))
+            for now, base in zip(argmax_predictions(model, pairs), baseline)]
+
+
+def share(values, mask) -> tuple[float, int]:
+    picked = [v for v, m in zip(values, mask) if m]
+    return (float(np.mean(picked)) if picked else float("nan")), len(picked)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--save"]
+    name, t = args[0], int(args[1])
+    overrides = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args[2:])}
+    batch = overrides.pop("batch", 10)
+    torch.set_num_threads(1)
+    model = load_model("smollm2")
+    pool, held_out = split_facts(0, 200)
+    facts = pool[:t]
+    loc = locality_pairs(facts)
+    unrelated = [(f.prompt, f.target_true) for f in held_out]
+    loc_baseline, unrelated_baseline = argmax_predictions(model, loc), argmax_predictions(model, unrelated)
+    editor = WiseEditor(WiseConfig(**{**BENCHMARK, **overrides})).attach(model)
+    started = time.perf_counter()
+    for i in range(0, t, batch):
+        editor.edit(facts[i: i + batch])
+    seconds = (time.perf_counter() - started) / t
+    edited = {f.subject for f in facts}
+    rel = [c.accuracy for c in read_continuations(model, [(f.prompt, f.target_new) for f in facts])]
+    gen = [c.accuracy for c in read_continuations(model, [(p, f.target_new) for f in facts for p in f.paraphrases])]
+    loc_agree, unrelated_agree = agreement_per_pair(model, loc, loc_baseline), agreement_per_pair(model, unrelated, unrelated_baseline)
+
+    def routed(prompts):
+        return [r.memory is not None for r in editor.route(prompts)]
+
+    loc_routed = routed([p for p, _ in loc])
+    naming = [any(s in p for s in edited) for p, _ in loc]
+    row = dict(name=name, T=t, batch=batch, config=overrides, memories=len(editor.memories),
+               reliability=float(np.mean(rel)), generalization=float(np.mean(gen)),
+               locality=float(np.mean(loc_agree)), unrelated=float(np.mean(unrelated_agree)), s_per_edit=seconds,
+               routed_edits=float(np.mean(routed([f.prompt for f in facts]))),
+               routed_locality=float(np.mean(loc_routed)),
+               routed_locality_naming_edited=share(loc_routed, naming),
+               routed_locality_other=share(loc_routed, [not n for n in naming]),
+               routed_unrelated=float(np.mean(routed([p for p, _ in unrelated]))))
+    print(json.dumps(row), flush=True)
+    with OUT.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    if "--save" in sys.argv:
+        editor.save(OUT.parent / f"{name}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
