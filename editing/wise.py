@@ -87,8 +87,9 @@ Choices of this implementation, and why they differ from EasyEdit (each measured
   candidates' by default; never a prompt an evaluation or the calibration reads, never a subject a
   calibration prompt names), and, with ``subject_prefix``, against its own rows cut after the subject, so
   that neither the subject alone nor the relation alone is routed. They make the memories stricter, not
-  better separated: same 200-edit run with small shards, 5.5 % routed, 0.085/0.063/1.000/1.000; with one
-  shard for all they change nothing measurable (0.051-0.063 / 0.047 / 0.998 / 0.99-0.995).
+  better separated: same 200-edit run with small shards, 5.5 % routed, 0.085/0.063/1.000/1.000 (subject
+  negatives alone: 5.0 %, 0.091/0.084/0.998/0.995); with one shard for all they change nothing measurable
+  (0.051-0.063 / 0.047 / 0.998 / 0.99-0.995).
 * **Scores where routing decides.** The routing margins, the replayed scores and the recorded in-scope
   scores read the position that predicts the first target token (the prompt alone,
   ``score_positions="prompt"``), not the teacher-forced target positions too (``"target"``), whose running
