@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from editing.evaluate import argmax_predictions, locality_pairs, read_continuations
+from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy, locality_pairs
 from editing.wise import WiseConfig, WiseEditor
 from lifelong import split_facts
 from tracing.models import load_model
 
 OUT = Path(__file__).parent / "results" / "wise_routing.jsonl"
 BENCHMARK = dict(n_iter=30, edit_lr=2.0, corrupted_samples=8)
-
-
-def agreement_per_pair(model, pairs, baseline) -> list[float]:
-    return [float(np.mean([a == b for a, b in zip(now, base)]))
-            for now, base in zip(argmax_predictions(model, pairs), baseline)]
 
 
 def share(values, mask) -> tuple[float, int]:
@@ -58,9 +53,7 @@ def main() -> None:
         editor.edit(facts[i: i + batch])
     seconds = (time.perf_counter() - started) / t
     edited = {f.subject for f in facts}
-    rel = [c.accuracy for c in read_continuations(model, [(f.prompt, f.target_new) for f in facts])]
-    gen = [c.accuracy for c in read_continuations(model, [(p, f.target_new) for f in facts for p in f.paraphrases])]
-    loc_agree, unrelated_agree = agreement_per_pair(model, loc, loc_baseline), agreement_per_pair(model, unrelated, unrelated_baseline)
+    summary = evaluate_accuracy(model, facts, loc_baseline)
 
     def routed(prompts):
         return [r.memory is not None for r in editor.route(prompts)]
@@ -68,8 +61,8 @@ def main() -> None:
     loc_routed = routed([p for p, _ in loc])
     naming = [any(s in p for s in edited) for p, _ in loc]
     row = dict(name=name, T=t, batch=batch, config=overrides, memories=len(editor.memories),
-               reliability=float(np.mean(rel)), generalization=float(np.mean(gen)),
-               locality=float(np.mean(loc_agree)), unrelated=float(np.mean(unrelated_agree)), s_per_edit=seconds,
+               reliability=summary.reliability, generalization=summary.generalization, locality=summary.locality,
+               unrelated=agreement(model, unrelated, unrelated_baseline), s_per_edit=seconds,
                routed_edits=float(np.mean(routed([f.prompt for f in facts]))),
                routed_locality=float(np.mean(loc_routed)),
                routed_locality_naming_edited=share(loc_routed, naming),

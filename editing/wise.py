@@ -756,7 +756,7 @@ class WiseEditor:
         target_rows, target_positions, target_tokens, target_weights = zip(*spec)
         long = functools.partial(torch.tensor, dtype=torch.long, device=device)
         groups = [self._unrelated, self._corrupted_subjects(model, facts), self._negative_rows(facts),
-                  self._subject_negative_rows(model, facts)]
+                  self._fact_negative_rows(model, facts)]
         if self.config.subject_prefix:  # the subject alone (and what precedes it) must not route
             width = keys.shape[1]
             groups.append((keys, torch.arange(width, device=device)[None, :] < torch.tensor(prefixes, device=device)[:, None]))
@@ -908,9 +908,9 @@ class WiseEditor:
         return keys[chosen].to(device), valid[chosen].to(device)
 
     @torch.no_grad()
-    def _subject_negative_rows(self, model, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys of :meth:`_subject_negative_prompts`: the side memory must answer to the fact, not to its
-        subject."""
+    def _fact_negative_rows(self, model, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of the subject negatives and relation negatives of ``facts``: the side memory must answer to
+        the fact, not to its subject or its relation alone."""
         prompts = self._subject_negative_prompts(facts) + self._relation_negative_prompts(facts)
         if not prompts:
             return self._unrelated[0][:0], self._unrelated[1][:0]
@@ -923,36 +923,42 @@ class WiseEditor:
         ``templates``), drawn anew for each call. Left out: the relations edited for that subject so far,
         and every prompt that an evaluation of the bundled facts, of the edited facts, or the calibration
         reads."""
-        count = self.config.subject_negatives
-        everything = [*self.requests, *facts]
-        edited = {(fact.subject, self._relation_of(fact)) for fact in everything}
-        reserved = self._reserved | {prompt for fact in everything for prompt in _prompts_read(fact)}
-        rng = random.Random(self.config.seed * 104_729 + self.n_edits)
-        prompts = []
-        for fact in facts if count else []:
-            options = sorted({template.replace(SLOT, fact.subject) for relation, templates in self.templates.items()
-                              if (fact.subject, relation) not in edited for template in templates} - reserved)
-            prompts += rng.sample(options, min(count, len(options)))
-        return prompts
+        def options(fact: Fact, edited: set[tuple[str, str | None]]) -> set[str]:
+            return {template.replace(SLOT, fact.subject) for relation, templates in self.templates.items()
+                    if (fact.subject, relation) not in edited for template in templates}
+
+        return self._draw_negatives(facts, self.config.subject_negatives, 104_729, options)
 
     def _relation_negative_prompts(self, facts: list[Fact]) -> list[str]:
         """``relation_negatives`` prompts per fact that ask its relation's question (any of its templates)
         about another subject: the side memory must answer to the subject too, not to the relation alone.
         Left out: subjects edited in that relation, subjects any calibration prompt names (the floor must
         stay an unbiased sample), and every prompt an evaluation or the calibration reads."""
-        count = self.config.relation_negatives
+        calibrated = {parsed[0] for parsed in map(self._parse, self.calibration_prompts or []) if parsed}
+
+        def options(fact: Fact, edited: set[tuple[str, str | None]]) -> set[str]:
+            relation = self._relation_of(fact)
+            return {template.replace(SLOT, subject) for subject in self.subjects.get(relation, ())
+                    if (subject, relation) not in edited and subject not in calibrated
+                    for template in self.templates.get(relation, ())}
+
+        return self._draw_negatives(facts, self.config.relation_negatives, 130_363, options)
+
+    def _draw_negatives(self, facts: list[Fact], count: int, salt: int,
+                        options: Callable[[Fact, set[tuple[str, str | None]]], set[str]]) -> list[str]:
+        """``count`` of ``options(fact, edited)`` per fact, reproducibly drawn per call, none of them a
+        prompt that an evaluation of the bundled facts, of the edited facts, or the calibration reads.
+        ``edited`` holds the (subject, relation) pairs edited so far, this call's included."""
+        if not count:
+            return []
         everything = [*self.requests, *facts]
         edited = {(fact.subject, self._relation_of(fact)) for fact in everything}
         reserved = self._reserved | {prompt for fact in everything for prompt in _prompts_read(fact)}
-        calibrated = {parsed[0] for parsed in map(self._parse, self.calibration_prompts or []) if parsed}
-        rng = random.Random(self.config.seed * 130_363 + self.n_edits)
+        rng = random.Random(self.config.seed * salt + self.n_edits)
         prompts = []
-        for fact in facts if count else []:
-            relation = self._relation_of(fact)
-            options = sorted({template.replace(SLOT, subject) for subject in self.subjects.get(relation, ())
-                              if (subject, relation) not in edited and subject not in calibrated
-                              for template in self.templates.get(relation, ())} - reserved)
-            prompts += rng.sample(options, min(count, len(options)))
+        for fact in facts:
+            choices = sorted(options(fact, edited) - reserved)
+            prompts += rng.sample(choices, min(count, len(choices)))
         return prompts
 
     def _out_of_scope(self, prompts: Sequence[str], facts: Sequence[Fact]) -> list[int]:

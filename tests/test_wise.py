@@ -133,7 +133,7 @@ def test_subject_and_relation_negatives_are_other_facts_of_the_subject_and_of_th
     germany = known_facts(relation="P36")[0]  # The capital of Germany is -> Berlin
     assert (germany.subject, germany.relation) == ("Germany", "P36")
     editor.requests = [dataclasses.replace(germany, template="In {}, the official language is", relation="P37")]
-    keys, valid = editor._subject_negative_rows(tiny_llama, [germany])
+    keys, valid = editor._fact_negative_rows(tiny_llama, [germany])
     assert len(keys) == 6 + 5 and valid.any(1).all()
     # the subject in templates of relations edited for it neither now nor before
     same_subject = editor._subject_negative_prompts([germany])
