@@ -1,10 +1,11 @@
 """Where WISE routes after T sequential edits: the lifelong metrics plus the share of prompts each kind
 sends to a side memory, for one configuration at a time (the ablations in editing/wise.py's docstring).
 
-    python benchmarks/wise_routing.py NAME T [batch=10] [FIELD=VALUE ...]
+    python benchmarks/wise_routing.py NAME T [batch=10] [threads=1] [FIELD=VALUE ...]
 
 Same facts, held-out set and metrics as ``benchmarks/lifelong.py`` (Rel / Gen / Loc / Unrel), WISE with
-``n_iter=30, edit_lr=2.0, corrupted_samples=8`` unless overridden, one thread. Besides the metrics it reports
+``n_iter=30, edit_lr=2.0, corrupted_samples=8`` unless overridden, one thread unless
+``threads=N``. Besides the metrics it reports
 the routed share of the edit prompts, of the locality prompts (split by whether they name a subject edited
 in another relation) and of the held-out facts, and appends a row to
 ``benchmarks/results/wise_routing.jsonl``; ``--save`` keeps the editor for offline analysis.
@@ -40,7 +41,7 @@ def main() -> None:
     name, t = args[0], int(args[1])
     overrides = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args[2:])}
     batch = overrides.pop("batch", 10)
-    torch.set_num_threads(1)
+    torch.set_num_threads(overrides.pop("threads", 1))
     model = load_model("smollm2")
     pool, held_out = split_facts(0, 200)
     facts = pool[:t]

@@ -139,7 +139,8 @@ At T = 1000 in calls of 10 facts (``n_iter`` 30, ``edit_lr`` 2), the merged memo
 gives 0.04/0.04/0.98/0.97 (before: 0.12/0.10/0.34/0.33; sequential MEMIT has collapsed, 0.03/0.02/0.00/0.01).
 Note that the unedited model already reaches Rel/Gen 0.037/0.036 on those 1000 new targets (teacher-forced
 tokens after the first), so the merged memory above answered almost no edit. Smaller memories answer
-more (see *Small shards*); T = 1000 with a memory per call is not measured yet.
+more (see *Small shards*). With a memory per call (``save_freq=10``, no merges: 100 memories) and the
+defaults otherwise: 0.089/0.070/0.996/0.995, 6 % of the edit prompts routed, 0.4 % of the locality prompts.
 
 The main model never changes: :meth:`WiseEditor.detach` removes the hooks and the model's outputs are bit
 for bit those of the unedited model.
