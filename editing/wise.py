@@ -957,7 +957,7 @@ class WiseEditor:
             return []
         everything = [*self.requests, *facts]
         edited = {(fact.subject, self._relation_of(fact)) for fact in everything}
-        reserved = self._reserved | {prompt for fact in everything for prompt in _prompts_read(fact)}
+        reserved = self._reserved | {prompt for fact in everything for prompt in fact.prompts_read}
         rng = random.Random(self.config.seed * salt + self.n_edits)
         prompts = []
         for fact in facts:
@@ -1154,11 +1154,6 @@ def _real_positions(call: _Call, key: torch.Tensor) -> torch.Tensor | None:
     if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
         return None
     return mask[:, -length:].bool()
-
-
-def _prompts_read(fact: Fact) -> list[str]:
-    """The prompts an evaluation of ``fact`` reads."""
-    return [fact.prompt, *fact.paraphrases, *fact.neighborhood, *(prompt for prompt, _ in fact.locality)]
 
 
 def _naming_none(prompts: Sequence[str], subjects: set[str]) -> list[int]:

@@ -54,6 +54,11 @@ class Fact:
         return self.template.replace(SLOT, self.subject)
 
     @property
+    def prompts_read(self) -> tuple[str, ...]:
+        """Every prompt an evaluation of this fact reads: prompt, paraphrases, neighbourhood, locality."""
+        return (self.prompt, *self.paraphrases, *self.neighborhood, *(prompt for prompt, _ in self.locality))
+
+    @property
     def subject_char_start(self) -> int:
         return self.template.index(SLOT)
 
@@ -228,10 +233,7 @@ def evaluated_prompts() -> set[str]:
     """Every prompt a bundled record reads: its prompt, paraphrases, neighbourhood and locality prompts.
     Whatever an editor trains or calibrates on must stay out of this set, or the evaluation of the
     bundled facts would measure memorisation."""
-    used = set()
-    for fact in known_facts():
-        used.update([fact.prompt, *fact.paraphrases, *fact.neighborhood, *(p for p, _ in fact.locality)])
-    return used
+    return {prompt for fact in known_facts() for prompt in fact.prompts_read}
 
 
 def unused_fact_prompts() -> list[str]:
