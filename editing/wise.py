@@ -497,6 +497,31 @@ def unrelated_texts(model, prefixes: Sequence[str], length: int, seed: int) -> l
 # --- the editor -------------------------------------------------------------------------------------------
 
 
+# Relative headroom of a floor over the scores it keeps out: a few float32 ulps, so that the same prompt
+# scored again in another batch shape (or with another machine's kernels) still stays below it.
+FLOOR_HEADROOM = 4 * torch.finfo(torch.float32).eps
+
+
+def calibrated_floors(scores: torch.Tensor, scales: Sequence[float], quantile: float, mode: str) -> list[float]:
+    """Each memory's threshold floor from its scores (M, N) on N calibration prompts.
+
+    ``"memory"``: the ``quantile`` of each memory's own scores. ``"joint"``: one factor ``c`` for all, the
+    quantile over the prompts of their largest score-to-scale ratio, times each memory's scale. A prompt at
+    or below the quantile must stay out on any machine, and routing is ``score > threshold``, so a floor is
+    never below the largest score it is meant to keep out (``c x scale`` alone can round a hair under the
+    top prompt's own score), and it carries :data:`FLOOR_HEADROOM` on top.
+    """
+    if mode == "memory":
+        floors = [float(torch.quantile(row, quantile)) for row in scores]
+    else:
+        ratios = scores / torch.tensor(scales, dtype=scores.dtype).clamp(min=1e-6)[:, None]
+        ratio = torch.quantile(ratios.max(0).values, quantile)
+        kept_out = ratios.max(0).values <= ratio  # the prompts this quantile keeps off every memory
+        floors = [max(float(ratio) * max(scale, 1e-6), float(row[kept_out].max()) if kept_out.any() else 0.0)
+                  for row, scale in zip(scores, scales)]
+    return [floor * (1 + FLOOR_HEADROOM) for floor in floors]
+
+
 class WiseEditor:
     """WISE side memories for one model, routed through TransformerBridge hooks.
 
@@ -1018,15 +1043,10 @@ class WiseEditor:
             return
         index = torch.tensor(kept)
         scores = torch.stack([self._calibration_scores(memory)[index] for memory in memories])  # (M, N)
-        quantile = self.config.calibration_quantile
-        if self.config.calibration_mode == "memory":
-            for memory, row in zip(memories, scores):
-                memory.floor = float(torch.quantile(row, quantile))
-            return
-        scales = torch.tensor([memory.scale for memory in memories], dtype=scores.dtype).clamp(min=1e-6)
-        ratio = float(torch.quantile((scores / scales[:, None]).max(0).values, quantile))
-        for memory, scale in zip(memories, scales.tolist()):
-            memory.floor = ratio * scale
+        for memory, floor in zip(memories, calibrated_floors(scores, [m.scale for m in memories],
+                                                             self.config.calibration_quantile,
+                                                             self.config.calibration_mode)):
+            memory.floor = floor
 
     def _calibration_scores(self, memory: SideMemory) -> torch.Tensor:
         """The memory's score on every calibration prompt (cached until its Δ changes), on the CPU."""

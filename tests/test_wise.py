@@ -9,8 +9,8 @@ import torch
 
 from editing.evaluate import evaluate_accuracy, locality_predictions, read_continuations
 from editing.requests import EditRequestError
-from editing.wise import (WiseConfig, WiseEditor, activation_scores, common_directions, default_layer, running_score,
-                          ties_merge)
+from editing.wise import (WiseConfig, WiseEditor, activation_scores, calibrated_floors, common_directions, default_layer,
+                          running_score, ties_merge)
 from tracing.adapter import ModelAdapter
 from tracing.facts import Fact, evaluated_prompts, known_facts
 from tracing.models import load_model
@@ -115,6 +115,28 @@ def test_floors_keep_every_calibration_prompt_off_every_memory(tiny_llama, attac
         assert float(ratios.max()) == pytest.approx(1.0, rel=1e-4)
     else:  # each memory's own maximum
         torch.testing.assert_close(ratios.max(0).values, torch.ones(3), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["joint", "memory"])
+@pytest.mark.parametrize("quantile", [1.0, 0.9])
+def test_a_floor_keeps_out_every_prompt_it_was_calibrated_to_keep_out_whatever_the_rounding(mode, quantile):
+    # 50 memories of arbitrary scales: c x scale computed in floats can round under the top prompt's own
+    # score (it did for one of these prompts before the floors were snapped to the scores they keep out)
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 400, generator=generator) * 100
+    scales = (torch.rand(50, generator=generator) * 90 + 10).tolist()
+    floors = torch.tensor(calibrated_floors(scores, scales, quantile, mode), dtype=torch.float64)
+    if mode == "joint":
+        ratios = (scores.double() / torch.tensor(scales, dtype=torch.float64)[:, None]).max(0).values
+        kept_out = ratios <= float(torch.quantile(ratios.float(), quantile)) * (1 - 1e-6)
+    else:
+        kept_out = scores.double() <= torch.quantile(scores, quantile, dim=1).double()[:, None] * (1 - 1e-6)
+    for dtype in (torch.float32, torch.float64):  # the router compares in the memories' dtype
+        above = scores.to(dtype) > floors.to(dtype)[:, None]
+        assert not above[..., kept_out].any() if mode == "joint" else not above[kept_out].any()
+    above = scores.double() > floors[:, None]  # the quantile still bounds what passes: all memories together
+    routed = above.any(0).float().mean() if mode == "joint" else above.float().mean(1).max()  # or each its own
+    assert routed == 0 if quantile == 1.0 else 0 < routed <= 1 - quantile + 1 / 400
 
 
 def test_negative_rows_never_name_a_subject_of_the_edit(tiny_llama, attached):
