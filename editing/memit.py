@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editing.contexts import context_templates as generated_contexts
 from editing.covariance import CorpusConfig, key_second_moments
 from editing.prompts import PromptRow, in_context, right_padded, subject_row
 from editing.requests import validate_requests
@@ -85,22 +86,8 @@ class MemitConfig:
 
 
 def context_templates(model, config: MemitConfig) -> list[list[str]]:
-    """MEMIT's templates: the bare prompt, plus one short model-written text per prefix, each ending in
-    ``". {}"``. Cached on the model object (they depend only on the model and the seed)."""
-    from editing.generate import sample_continuations
-
-    key = (config.context_prefixes, config.context_length, config.seed)
-    cache = model.__dict__.setdefault("_factlens_context_templates", {})
-    if key not in cache:
-        lengths = [config.context_length - len(model.tokenizer(p, add_special_tokens=False)["input_ids"])
-                   for p in config.context_prefixes]
-        texts = []
-        for prefix, length in zip(config.context_prefixes, lengths):
-            texts += sample_continuations(model, [prefix], max(1, length), top_k=5, seed=config.seed)
-        generated = [text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". " + SLOT
-                     for text in texts]
-        cache[key] = [[SLOT], generated]
-    return cache[key]
+    """MEMIT's templates for ``config`` (see :func:`editing.contexts.context_templates`)."""
+    return generated_contexts(model, config.context_prefixes, config.context_length, config.seed)
 
 
 # --- keys --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tracing.adapter import ModelAdapter
 from tracing.facts import Fact
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.models import model_spec
+from tracing.state import state_of
 
 
 class EditStateError(RuntimeError):
@@ -34,9 +35,7 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 
 
 def _edit_stack(model) -> list:
-    if not hasattr(model, "_factlens_edit_stack"):
-        model._factlens_edit_stack = []
-    return model._factlens_edit_stack
+    return state_of(model).edit_stack
 
 
 @dataclass

@@ -163,6 +163,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+from editing.contexts import context_templates
 from editing.prompts import in_context, right_padded, subject_row
 from editing.requests import validate_requests
 from editing.targets import frozen_weights
@@ -174,6 +175,7 @@ from tracing.facts import (SLOT, Fact, encode_fact, evaluated_prompts, relation_
                            unused_fact_prompts)
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.models import model_spec
+from tracing.state import state_of, text_cache
 from tracing.noise import default_noise_std, sample_noise
 from tracing.tokens import encode, target_token_ids
 
@@ -487,7 +489,7 @@ def unrelated_texts(model, prefixes: Sequence[str], length: int, seed: int) -> l
     :meth:`WiseEditor.attach`."""
     from editing.generate import sample_continuations
 
-    cache = model.__dict__.setdefault("_factlens_unrelated_texts", {})
+    cache = text_cache(model, "unrelated_texts")
     key = (tuple(prefixes), length, seed)
     if key not in cache:
         cache[key] = sample_continuations(model, list(prefixes), length, top_k=5, seed=seed)
@@ -610,7 +612,7 @@ class WiseEditor:
         """Install the routing hooks on ``model``; its weights are never changed."""
         if self.model is not None:
             raise RuntimeError("this editor is already attached; detach it first")
-        if getattr(model, "_factlens_wise", None) is not None:
+        if state_of(model).attached.get("wise") is not None:
             raise RuntimeError("another WiseEditor is attached to this model; detach it first")
         adapter = ModelAdapter.of(model)
         layer = self.config.resolved_layer(adapter.n_layers)
@@ -636,7 +638,7 @@ class WiseEditor:
         for handle in self._call_handles:
             handle.remove()
         self._hook_handles, self._call_handles = [], []
-        model._factlens_wise = None
+        state_of(model).attached.pop("wise", None)
         require_full_forwards(model, "wise", False)
         self.model, self._call, self._carry, self._key = None, None, None, None
 
@@ -647,7 +649,7 @@ class WiseEditor:
         hf_model = model.original_model
         self._call_handles = [hf_model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                               hf_model.register_forward_hook(self._end_call)]
-        model._factlens_wise = self
+        state_of(model).attached["wise"] = self
         require_full_forwards(model, "wise", True)  # routing reads the whole prefix: no suffix-only tracing
         self.model, self._table, self._carry = model, None, None
 
@@ -889,11 +891,8 @@ class WiseEditor:
     def _prepare_rows(self, model) -> None:
         """MEMIT's context templates for the edit rows; model-written text and the bare contexts as the
         unrelated rows every edit shares."""
-        from editing.memit import MemitConfig, context_templates
-
         config = self.config
-        groups = context_templates(model, MemitConfig(context_prefixes=config.context_prefixes,
-                                                      context_length=config.context_length, seed=config.seed))
+        groups = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         self._contexts = [context for group in groups for context in group]
         texts = unrelated_texts(model, config.loc_prefixes, config.loc_length, config.seed)
         texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]

@@ -3,6 +3,7 @@
 import pytest
 
 from tracing.causal_trace import TraceConfig, trace_prompt
+from tracing.state import state_of
 
 pytestmark = pytest.mark.embedded
 
@@ -19,7 +20,7 @@ def test_early_mlps_at_the_last_subject_token_carry_the_fact(embedded):
     assert effect[: n_layers // 2].max() > 0.2  # restoring early/middle MLPs brings "Russian" back
     assert effect[2 * n_layers // 3:].max() < 0.05  # late MLPs at that token do not
     # the fast engine was checked against the one-forward-per-cell reference on this model
-    assert embedded._factlens_fast_engine_ok is True
+    assert state_of(embedded).fast_engine_ok is True and trace.engine == "fast"
 
 
 def test_residual_trace_moves_from_subject_to_last_token(embedded):

@@ -111,4 +111,4 @@ def test_hooks_needing_full_forwards_switch_to_the_reference_engine(tiny_llama, 
         trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, kinds=("resid",)))
     finally:
         require_full_forwards(tiny_llama, "test", False)
-    assert used == [] and trace.scores["resid"].shape == (trace.n_tokens, 4)
+    assert used == [] and trace.scores["resid"].shape == (trace.n_tokens, 4) and trace.engine == "reference"

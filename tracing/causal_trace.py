@@ -22,6 +22,7 @@ from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, Tr
 from tracing.facts import Fact, encode_fact, fact_from_prompt
 from tracing.io import atomic_path
 from tracing.models import model_spec
+from tracing.state import state_of
 from tracing.noise import DEFAULT_NOISE_MULTIPLIER, default_noise_std, sample_noise
 from tracing.tokens import encode_with_offsets, subject_token_range, target_token_ids, token_strings
 
@@ -84,6 +85,7 @@ class FactTrace:
     seed: int
     model_name: str
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    engine: str = "fast"  # which engine computed the scores ("fast" or "reference"), see choose_engine
 
     @property
     def correct(self) -> bool:
@@ -171,7 +173,7 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         answer_id=answer_id,
         noise=noise.to(device=_device(model), dtype=_dtype(model)),
     )
-    output = _run_engine(model, inputs, config)
+    output, engine = _run_engine(model, inputs, config)
     decode = model.tokenizer.decode
     return FactTrace(
         prompt=prompt,
@@ -190,31 +192,46 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         seed=config.seed,
         model_name=model_spec(model).name,
         scores={kind: output.scores[kind] for kind in config.kinds},
+        engine=engine,
     )
 
 
-def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> EngineOutput:
+def choose_engine(model, config: TraceConfig) -> tuple[str, str]:
+    """Which engine traces ``model`` under ``config``, and why: ``("reference", reason)`` when asked for,
+    when the fast engine was refused on this model earlier (unsupported, or it disagreed with the
+    reference), or while a hook needs whole-prompt forward passes (WISE's router); else ``"fast"``."""
+    if config.engine == "reference":
+        return "reference", "asked for"
+    if state_of(model).fast_engine_ok is False:
+        return "reference", "the fast engine was refused on this model"
+    if needs_full_forwards(model):
+        return "reference", f"hooks need whole-prompt forwards ({', '.join(sorted(state_of(model).full_forwards))})"
+    return "fast", "verified on this model" if state_of(model).fast_engine_ok else "default"
+
+
+def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> tuple[EngineOutput, str]:
+    """The engine's output and the name of the engine that produced it (see :func:`choose_engine`)."""
+    state = state_of(model)
     reference = ReferenceEngine(model, show_progress=config.show_progress)
-    fast_refused = getattr(model, "_factlens_fast_engine_ok", True) is False
-    if config.engine == "reference" or fast_refused or needs_full_forwards(model):
-        return reference.run(inputs, config.kinds, config.window)
+    if choose_engine(model, config)[0] == "reference":
+        return reference.run(inputs, config.kinds, config.window), "reference"
     try:
         output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window)
     except EngineUnsupported as error:
         warnings.warn(f"fast tracing engine unavailable for this model ({error}); using the reference engine")
-        model._factlens_fast_engine_ok = False
-        return reference.run(inputs, config.kinds, config.window)
-    if config.verify and not getattr(model, "_factlens_fast_engine_ok", False):
+        state.fast_engine_ok = False
+        return reference.run(inputs, config.kinds, config.window), "reference"
+    if config.verify and not state.fast_engine_ok:
         mismatch = _largest_mismatch(reference, inputs, output, config)
         if mismatch > _VERIFY_TOLERANCE:
             warnings.warn(
                 f"fast tracing engine disagrees with the reference by {mismatch:.2e} on this model; "
                 "falling back to the reference engine (slower, same numbers as kmeng01/rome)"
             )
-            model._factlens_fast_engine_ok = False
-            return reference.run(inputs, config.kinds, config.window)
-        model._factlens_fast_engine_ok = True
-    return output
+            state.fast_engine_ok = False
+            return reference.run(inputs, config.kinds, config.window), "reference"
+        state.fast_engine_ok = True
+    return output, "fast"
 
 
 def _largest_mismatch(reference: ReferenceEngine, inputs: TraceInputs, output: EngineOutput,
@@ -229,4 +246,4 @@ def _largest_mismatch(reference: ReferenceEngine, inputs: TraceInputs, output: E
     return worst
 
 
-__all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt"]
+__all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt", "choose_engine"]

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from tracing.adapter import KINDS, ModelAdapter
 from tracing.blocks import call_block, capture_block_calls, filled_cache, logits_of
+from tracing.state import state_of
 
 
 def require_full_forwards(model, owner: str, active: bool) -> None:
@@ -39,7 +40,7 @@ def require_full_forwards(model, owner: str, active: bool) -> None:
     positions' scores, which a call on a suffix alone cannot see. The fast engine computes suffixes in
     separate block calls, so while any such hook is active tracing uses the reference engine, whose full
     forward passes stay exact."""
-    owners = model.__dict__.setdefault("_factlens_full_forwards", set())
+    owners = state_of(model).full_forwards
     if active:
         owners.add(owner)
     else:
@@ -47,7 +48,7 @@ def require_full_forwards(model, owner: str, active: bool) -> None:
 
 
 def needs_full_forwards(model) -> bool:
-    return bool(model.__dict__.get("_factlens_full_forwards"))
+    return bool(state_of(model).full_forwards)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from tracing.state import state_of
 from tracing.tokens import encode
 
 DEFAULT_NOISE_MULTIPLIER = 3.0
@@ -34,16 +35,15 @@ def subject_embedding_std(model, subjects: Sequence[str]) -> float:
 def default_noise_std(model, multiplier: float = DEFAULT_NOISE_MULTIPLIER) -> float:
     """``multiplier`` x the subject-embedding std, measured on the bundled known facts' subjects.
 
-    Cached on the model object: it only depends on the embedding matrix.
+    Cached in the model's :class:`~tracing.state.ModelState`: it only depends on the embedding matrix.
     """
-    cached = getattr(model, "_factlens_subject_std", None)
-    if cached is None:
+    state = state_of(model)
+    if state.subject_std is None:
         from tracing.facts import known_facts
 
         subjects = sorted({fact.subject for fact in known_facts()})
-        cached = subject_embedding_std(model, subjects)
-        model._factlens_subject_std = cached
-    return multiplier * cached
+        state.subject_std = subject_embedding_std(model, subjects)
+    return multiplier * state.subject_std
 
 
 def sample_noise(samples: int, n_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
