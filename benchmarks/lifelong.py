@@ -1,16 +1,20 @@
-"""Lifelong (sequential) editing: WISE against MEMIT applied sequentially (and GRACE on request).
+"""Lifelong (sequential) editing: every registered method by name, on the same facts, both protocols.
 
-For each T, the same T known facts (a fixed shuffle of ``known_facts()``) are edited one after the other,
-one fact or ``--batch`` facts per call; after the last edit, Rel / Gen / Loc
-(editing.evaluate.evaluate_accuracy: teacher-forced target-token accuracy on the prompts and their
-paraphrases, and agreement with the unedited model on the facts' locality prompts) are measured on all T
-facts, as in the WISE paper's protocol, plus agreement on held-out known facts that no run edits.
+For each T, the same T known facts (a fixed shuffle of ``known_facts()``) are edited one call after the
+other, ``--batch`` facts per call, through the editor interface (``editing.editor.create_editor``). Scored
+with ``editing.evaluate.evaluate_accuracy`` (teacher-forced target-token accuracy on the prompts and their
+paraphrases; locality = agreement with the *unedited* model's predictions, recorded before the first edit):
 
-    python benchmarks/lifelong.py --edits 1,10 [--methods wise,memit,grace] [--batch 10] [--wise n_iter=30]
-                                  [--model smollm2] [--threads 2]
+* ``after_all`` (WISE, EasyEdit ``--sequential_edit``): Rel / Gen / Loc on all T facts after the last call;
+* ``after_each`` (AlphaEdit): each call's facts scored right after that call, averaged over the calls.
 
-Rows are written to ``benchmarks/results/lifelong.json`` (``--out``) after every run, so a long run keeps
-what it finished.
+``unrelated`` is agreement on held-out known facts that no run edits, after the last call (both protocols).
+
+    python benchmarks/lifelong.py --methods wise,memit,grace --edits 1,10,100 [--batch 10]
+                                  [--protocols after_all,after_each] [--set NAME.FIELD=VALUE] [--threads 2]
+
+One JSON object per row is appended to ``benchmarks/results/lifelong.jsonl`` (``--out``) as soon as it is
+measured, so a long run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -18,127 +22,145 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import random
+import resource
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Sequence
 
-import torch
-from tqdm.auto import tqdm
-
-from editing.evaluate import (AccuracySummary, agreement, argmax_predictions, evaluate_accuracy,
-                              locality_predictions, markdown_table)
-from editing.grace import GraceConfig, GraceEditor
-from editing.memit import MemitConfig, apply_memit
-from editing.wise import WiseConfig, WiseEditor
-from tracing.facts import Fact, known_facts
-from tracing.io import write_json_atomic
-from tracing.models import load_model
-
-DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.json"
+DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
+PROTOCOLS = ("after_all", "after_each")
 
 
-def split_facts(seed: int, held_out: int) -> tuple[list[Fact], list[Fact]]:
+def split_facts(seed: int, held_out: int) -> tuple[list, list]:
     """The known facts in a fixed shuffle: the pool every run takes its first T from, and the last
     ``held_out`` that no run edits."""
+    from tracing.facts import known_facts
+
     pool = known_facts()
     random.Random(seed).shuffle(pool)
     return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
 
 
-def batches(facts: list[Fact], size: int) -> list[list[Fact]]:
-    return [facts[i: i + size] for i in range(0, len(facts), size)]
+def batches(facts: Sequence, size: int) -> list[list]:
+    return [list(facts[i: i + size]) for i in range(0, len(facts), size)]
 
 
-def run_attached(model, facts: list[Fact], editor: WiseEditor | GraceEditor,
-                 batch: int = 1) -> tuple[Callable[[], None], float]:
-    """Attach ``editor`` (WISE or GRACE) and edit ``facts`` one batch after the other; returns the undo
-    (detach) and the seconds spent editing (attaching, which for WISE samples the context and unrelated
-    texts once, is not counted)."""
-    editor.attach(model)
-    started = time.perf_counter()
-    for chunk in tqdm(batches(facts, batch), desc=type(editor).__name__, leave=False, mininterval=30):
-        editor.edit(chunk)
-    return editor.detach, time.perf_counter() - started
+def default_config(name: str, overrides: dict[str, Any]):
+    """The method's config with the benchmark's defaults (MEMIT: λ 1500, quiet) and ``overrides``."""
+    from editing.editor import method
+
+    config_class = method(name).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    defaults = {"show_progress": False} if "show_progress" in fields else {}
+    if name in ("memit", "rome"):
+        defaults["mom2_weight"] = 1500.0
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{name}: {config_class.__name__} has no field {', '.join(unknown)}")
+    return config_class(**{**defaults, **overrides})
 
 
-def run_memit(model, facts: list[Fact], config: MemitConfig, batch: int = 1) -> tuple[Callable[[], None], float]:
-    """Apply MEMIT once per batch, each on top of the previous edits; returns the undo of them all and the
-    seconds spent editing."""
-    started = time.perf_counter()
-    edits = [apply_memit(model, chunk, config)
-             for chunk in tqdm(batches(facts, batch), desc="MEMIT", leave=False, mininterval=30)]
-    seconds = time.perf_counter() - started
-
-    def undo() -> None:
-        for edit in reversed(edits):
-            edit.undo(model)
-
-    return undo, seconds
+def routed_share(editor, facts: Sequence) -> float | None:
+    """Share of the edit prompts that reach a memory (None for methods that do not route)."""
+    if not editor.routes:
+        return None
+    return sum(r.memory is not None for r in editor.route([f.prompt for f in facts])) / len(facts)
 
 
-def evaluate(model, method: str, facts: list[Fact], run: Callable, held_out: list[Fact]) -> dict:
-    """Rel/Gen/Loc on the edited facts after all edits, plus ``unrelated``: agreement with the unedited
-    model on ``held_out`` facts that no run edits (random known facts, any relation)."""
-    baseline = locality_predictions(model, facts)
+def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list) -> dict:
+    """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo."""
+    from editing.editor import create_editor
+    from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy, locality_predictions
+
+    calls = batches(facts, batch)
+    baselines = [locality_predictions(model, call) for call in calls]  # the unedited model's answers
+    everything = [prediction for baseline in baselines for prediction in baseline]
     unrelated_pairs = [(fact.prompt, fact.target_true) for fact in held_out]
     unrelated_baseline = argmax_predictions(model, unrelated_pairs)
-    undo, seconds = run(model, facts)
+    editor = create_editor(name, model, config)
+    per_call, seconds = [], 0.0
     try:
-        summary: AccuracySummary = evaluate_accuracy(model, facts, baseline)
+        for call, baseline in zip(calls, baselines):
+            started = time.perf_counter()
+            editor.edit(call)
+            seconds += time.perf_counter() - started
+            if protocol == "after_each":
+                per_call.append((len(call), evaluate_accuracy(model, call, baseline)))
+        if protocol == "after_all":
+            per_call = [(len(facts), evaluate_accuracy(model, facts, everything))]
         unrelated = agreement(model, unrelated_pairs, unrelated_baseline)
+        routed = routed_share(editor, facts)
     finally:
-        undo()
-    print(f"{method} T={len(facts)}: {summary}, unrelated {unrelated:.3f}, {seconds / len(facts):.1f} s per edit",
-          flush=True)
-    return {**summary.as_dict(), "unrelated": unrelated, "s/edit": seconds / len(facts)}
+        editor.undo()
+    total = sum(n for n, _ in per_call)
+    mean = {key: sum(n * getattr(summary, key) for n, summary in per_call) / total
+            for key in ("reliability", "generalization", "locality")}
+    return {**mean, "unrelated": unrelated, "routed": routed, "s_per_edit": seconds / len(facts)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--edits", default="1,10", help="comma-separated numbers of sequential edits T")
-    parser.add_argument("--methods", default="wise,memit", help="any of wise, memit, grace")
-    parser.add_argument("--merge", action="store_true", help="WISE-Merge instead of WISE-Retrieve")
-    parser.add_argument("--save-freq", type=int, default=WiseConfig.save_freq, help="WISE: edits per shard")
-    parser.add_argument("--merge-freq", type=int, default=WiseConfig.merge_freq, help="WISE: edits per merge")
-    parser.add_argument("--wise", action="append", default=[], metavar="KEY=VALUE",
-                        help="a WiseConfig field to override, e.g. --wise n_iter=40 (repeatable)")
+    parser.add_argument("--methods", default="wise,memit", help="registered method names, comma-separated")
+    parser.add_argument("--edits", default="1,10", help="comma-separated numbers of edited facts T")
     parser.add_argument("--batch", type=int, default=1, help="facts per edit call (all methods)")
-    parser.add_argument("--held-out", type=int, default=200,
-                        help="facts kept out of every run, for the unrelated-locality column")
+    parser.add_argument("--protocols", default="after_all", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                        help="override a config field, e.g. --set wise.n_iter=30 (repeatable)")
+    parser.add_argument("--held-out", type=int, default=200, help="facts no run edits (the unrelated column)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        edits = [int(n) for n in args.edits.split(",")]
+        names, protocols = args.methods.split(","), args.protocols.split(",")
+        if min(edits) < 1 or args.batch < 1 or args.held_out < 1:
+            raise ValueError("--edits, --batch and --held-out must be positive")
+        if set(protocols) - set(PROTOCOLS):
+            raise ValueError(f"--protocols must be of {', '.join(PROTOCOLS)}, got {args.protocols!r}")
+        overrides: dict[str, dict[str, Any]] = {name: {} for name in names}
+        for item in args.set:
+            target, value = item.split("=", 1)
+            name, field = target.split(".", 1)
+            if name not in overrides:
+                raise ValueError(f"--set {item}: {name!r} is not among --methods")
+            overrides[name][field] = ast.literal_eval(value)
+        configs = {name: default_config(name, overrides[name]) for name in names}
+    except (ValueError, SyntaxError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from tracing.models import load_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
-
     model = load_model(args.model)
     pool, held_out = split_facts(args.seed, args.held_out)
-    overrides = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.wise)}
-    wise_config = WiseConfig(retrieve=not args.merge, save_freq=args.save_freq, merge_freq=args.merge_freq,
-                             **overrides)
-    runners = {  # a fresh editor per run: each T starts from the unedited model
-        "wise": lambda m, f: run_attached(m, f, WiseEditor(wise_config), args.batch),
-        "grace": lambda m, f: run_attached(m, f, GraceEditor(GraceConfig()), args.batch),
-        "memit": lambda m, f: run_memit(m, f, MemitConfig(mom2_weight=1500, show_progress=False), args.batch),
-    }
-    changed = [f"{f.name} {getattr(wise_config, f.name)}" for f in dataclasses.fields(WiseConfig)
-               if getattr(wise_config, f.name) != getattr(WiseConfig(), f.name)]
-    labels = {"wise": f"wise ({', '.join(changed)})" if changed else "wise"}
-    suffix = f", batch {args.batch}" if args.batch > 1 else ""
-    rows = {}
-    for t in (int(n) for n in args.edits.split(",")):
-        if t > len(pool):
-            raise SystemExit(f"only {len(pool)} known facts outside the held-out ones; T={t} is too many")
-        for method in args.methods.split(","):
-            label = labels.get(method, method)
-            rows[f"{label} T={t}{suffix}"] = evaluate(model, label, pool[:t], runners[method], held_out)
-            write_json_atomic(args.out, rows)
-    print(markdown_table(rows, ["reliability", "generalization", "locality", "unrelated", "s/edit"],
-                         plain=["s/edit"]))
+    if max(edits) > len(pool):
+        print(f"error: only {len(pool)} known facts outside the held-out ones; T={max(edits)} is too many",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for t in edits:
+        for name in names:
+            for protocol in protocols:
+                row = run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out)
+                record = {"method": name, "T": t, "batch": args.batch, "protocol": protocol, "facts": "counterfact-bundled",
+                          **row, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "threads": torch.get_num_threads(), "model": args.model, "seed": args.seed,
+                          "config": {k: v for k, v in overrides[name].items()}}
+                with out.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

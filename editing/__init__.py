@@ -1,1 +1,46 @@
-"""Model editing: MEMIT (mass editing) and WISE (lifelong editing), through TransformerLens hooks."""
+"""factlens editing: rewrite facts (MEMIT, ROME, WISE, GRACE) through one editor interface, and score them.
+
+    from editing import create_editor, evaluate_counterfact
+    editor = create_editor("memit", model)          # or "rome", "wise", "grace"; methods() lists them
+    editor.edit(facts); evaluate_counterfact(model, facts); editor.undo()
+
+Names are imported on first use (see :mod:`tracing` for the same pattern).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Editor": "editing.editor",
+    "Route": "editing.editor",
+    "create_editor": "editing.editor",
+    "load_editor": "editing.editor",
+    "methods": "editing.editor",
+    "MemitConfig": "editing.memit",
+    "apply_memit": "editing.memit",
+    "RomeConfig": "editing.rome",
+    "apply_rome": "editing.rome",
+    "WiseConfig": "editing.wise",
+    "WiseEditor": "editing.wise",
+    "GraceConfig": "editing.grace",
+    "GraceEditor": "editing.grace",
+    "WeightEdit": "editing.weights",
+    "CorpusConfig": "editing.covariance",
+    "evaluate_counterfact": "editing.evaluate",
+    "evaluate_accuracy": "editing.evaluate",
+    "locality_predictions": "editing.evaluate",
+    "markdown_table": "editing.evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'editing' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

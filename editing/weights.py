@@ -106,19 +106,24 @@ class WeightEdit:
     def save(self, path: str | Path) -> Path:
         tensors = {f"delta.{layer}": delta.detach().to("cpu", torch.float32).contiguous()
                    for layer, delta in self.deltas.items()}
-        meta = {
+        return save_tensors_atomic(path, tensors, "factlens", self._meta())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WeightEdit":
+        tensors, meta = load_tensors(path, "factlens")
+        return cls._from(meta, {int(key.split(".")[1]): tensor for key, tensor in tensors.items()})
+
+    def _meta(self) -> dict[str, Any]:
+        return {
             "method": self.method,
             "model_name": self.model_name,
             "config": self.config,
             "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
             "requests": [fact.to_counterfact() for fact in self.requests],
         }
-        return save_tensors_atomic(path, tensors, "factlens", meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "WeightEdit":
-        tensors, meta = load_tensors(path, "factlens")
-        deltas = {int(key.split(".")[1]): tensor for key, tensor in tensors.items()}
+    def _from(cls, meta: dict[str, Any], deltas: dict[int, torch.Tensor]) -> "WeightEdit":
         return cls(
             method=meta["method"],
             model_name=meta["model_name"],
@@ -127,6 +132,26 @@ class WeightEdit:
             config=meta["config"],
             base_fingerprints={int(k): v for k, v in meta["base_fingerprints"].items()},
         )
+
+
+def save_edit_sequence(path: str | Path, edits: list[WeightEdit]) -> Path:
+    """Several edits applied one after the other, in one file (each keeps its own fingerprints, taken on
+    the weights its predecessors left), atomically."""
+    tensors = {f"edit.{i}.delta.{layer}": delta.detach().to("cpu", torch.float32).contiguous()
+               for i, edit in enumerate(edits) for layer, delta in edit.deltas.items()}
+    return save_tensors_atomic(path, tensors, "factlens", {"sequence": [edit._meta() for edit in edits]})
+
+
+def load_edit_sequence(path: str | Path) -> list[WeightEdit]:
+    """The edits of :func:`save_edit_sequence` (a file of one :meth:`WeightEdit.save` reads as one edit)."""
+    tensors, meta = load_tensors(path, "factlens")
+    if "sequence" not in meta:
+        return [WeightEdit.load(path)]
+    deltas: list[dict[int, torch.Tensor]] = [{} for _ in meta["sequence"]]
+    for key, tensor in tensors.items():
+        _, index, _, layer = key.split(".")
+        deltas[int(index)][int(layer)] = tensor
+    return [WeightEdit._from(record, layers) for record, layers in zip(meta["sequence"], deltas)]
 
 
 def fingerprints(model, layers) -> dict[int, str]:

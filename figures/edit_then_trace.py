@@ -11,6 +11,7 @@ WISE's side-memory layer. The neighbour (same relation, another subject, its own
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from tracing.causal_trace import TraceConfig, trace_fact
@@ -30,19 +31,22 @@ def pick_facts(subject: str) -> tuple[Fact, Fact]:
 
 
 def apply_edit(model, method: str, fact: Fact, layers: tuple[int, ...] | None = None):
-    """Apply ``method`` to ``model`` for ``fact``; returns a callable that undoes it. ``layers``: MEMIT's
-    layers, or WISE's side-memory layer (its first); None takes the defaults (tracing's critical layers,
-    WISE's late layer)."""
-    if method == "memit":
-        from editing.memit import MemitConfig, apply_memit
+    """Edit ``fact`` with the registered ``method``; returns the editor (``editor.undo()`` takes it back).
+    ``layers``: the layers a weight editor writes, or a memory editor's layer (the first); None takes the
+    method's defaults (tracing's critical layers, WISE's late layer)."""
+    from editing.editor import create_editor, method as registered
 
-        edit = apply_memit(model, [fact], MemitConfig(layers=layers, show_progress=False))
-        return lambda: edit.undo(model)
-    from editing.wise import WiseConfig, WiseEditor
-
-    editor = WiseEditor(WiseConfig(layer=layers[0] if layers else None)).attach(model)
+    config = registered(method).config_class()
+    names = {f.name for f in dataclasses.fields(config)}
+    if "show_progress" in names:
+        config = dataclasses.replace(config, show_progress=False)
+    if layers and "layers" in names:
+        config = dataclasses.replace(config, layers=layers)
+    elif layers and "layer" in names:
+        config = dataclasses.replace(config, layer=layers[0])
+    editor = create_editor(method, model, config)
     editor.edit([fact])
-    return editor.detach
+    return editor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,12 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     config = TraceConfig(kinds=tuple(args.kinds.split(",")), show_progress=False)
     fact, neighbour = pick_facts(args.subject)
-    before = [trace_fact(model, fact, config), trace_fact(model, neighbour, config)]
-    undo = apply_edit(model, args.method, fact, layers)
+    before = [trace_fact(model, fact, config=config), trace_fact(model, neighbour, config=config)]
+    editor = apply_edit(model, args.method, fact, layers)
     try:
-        after = [trace_fact(model, fact, config, answer=fact.target_new), trace_fact(model, neighbour, config)]
+        after = [trace_fact(model, fact, answer=fact.target_new, config=config),
+                 trace_fact(model, neighbour, config=config)]
     finally:
-        undo()
+        editor.undo()
     out = Path(args.out_dir)
     name = args.method.upper()
     print(save_figure(plot_trace_comparison(before[0], after[0], title=(

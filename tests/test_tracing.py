@@ -69,8 +69,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_llama):
 
 def test_explicit_answer_and_fact_entry_point(tiny_llama):
     fact = fact_from_prompt(PROMPT, SUBJECT, "Paris", target_new="Rome")
-    true = trace_fact(tiny_llama, fact, QUIET)
-    new = trace_fact(tiny_llama, fact, QUIET, answer="Rome")
+    true = trace_fact(tiny_llama, fact, config=QUIET)
+    new = trace_fact(tiny_llama, fact, answer="Rome", config=QUIET)
     assert true.answer.strip() == "Paris" and new.answer.strip() == "Rome"
     assert true.clean_prob != new.clean_prob
 

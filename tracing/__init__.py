@@ -1,1 +1,47 @@
-"""Causal tracing (Meng et al., 2022, "Locating and Editing Factual Associations in GPT")."""
+"""factlens tracing: find where a language model stores a fact (causal tracing, ROME).
+
+The ground floor that tracing and editing both stand on: ``models`` (loading), ``adapter`` (hook names),
+``tokens``, ``facts``, ``io``, ``blocks``, ``hooks``, ``activations``, ``state``, ``layer_set``. On top:
+``noise``, ``engine``, ``causal_trace``, ``average``, ``locate``, ``plot`` and the command lines.
+
+    from tracing import load_model, trace_prompt, plot_trace
+    model = load_model()
+    plot_trace(trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower"))
+
+Names are imported on first use, so ``python -m tracing.heatmap --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_model": "tracing.models",
+    "TraceConfig": "tracing.causal_trace",
+    "FactTrace": "tracing.causal_trace",
+    "trace_prompt": "tracing.causal_trace",
+    "trace_fact": "tracing.causal_trace",
+    "choose_engine": "tracing.causal_trace",
+    "plot_trace": "tracing.plot",
+    "plot_trace_comparison": "tracing.plot",
+    "plot_average_effect": "tracing.plot",
+    "Fact": "tracing.facts",
+    "known_facts": "tracing.facts",
+    "load_facts": "tracing.facts",
+    "locate": "tracing.locate",
+    "LayerSet": "tracing.layer_set",
+    "critical_layers_for": "tracing.layer_set",
+    "average_indirect_effect": "tracing.average",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tracing' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

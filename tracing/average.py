@@ -106,7 +106,7 @@ def trace_facts(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig(
     from dataclasses import replace
 
     quiet = replace(config, show_progress=False)
-    return [trace_fact(model, fact, quiet)
+    return [trace_fact(model, fact, config=quiet)
             for fact in tqdm(facts, desc="tracing facts", unit="fact", disable=not config.show_progress)]
 
 

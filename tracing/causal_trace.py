@@ -130,7 +130,7 @@ def noise_std(model, config: TraceConfig) -> float:
     return config.noise if config.noise is not None else default_noise_std(model, config.noise_multiplier)
 
 
-def trace_fact(model, fact: Fact, config: TraceConfig = TraceConfig(), answer: str | None = None) -> FactTrace:
+def trace_fact(model, fact: Fact, *, answer: str | None = None, config: TraceConfig = TraceConfig()) -> FactTrace:
     """Trace ``fact``; the traced answer is ``answer`` if given, else ``fact.target_true``.
 
     Pass ``answer=fact.target_new`` after an edit to see where the new answer is read from.
@@ -140,7 +140,7 @@ def trace_fact(model, fact: Fact, config: TraceConfig = TraceConfig(), answer: s
     return _trace(model, encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id, config)
 
 
-def trace_prompt(model, prompt: str, subject: str, answer: str | None = None,
+def trace_prompt(model, prompt: str, subject: str, *, answer: str | None = None,
                  config: TraceConfig = TraceConfig()) -> FactTrace:
     """Trace a prompt containing ``subject``; the answer defaults to the model's own top-1 prediction."""
     encoded = encode_with_offsets(model, prompt)

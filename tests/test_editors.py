@@ -1,0 +1,159 @@
+"""Every registered editing method through the one editor interface, on a tiny model: an edit moves the
+edited prompt's prediction, undo gives back the unedited weights and outputs bit for bit, and save -> load
+gives the same predictions on a fresh start."""
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from editing.covariance import CorpusConfig
+from editing.editor import Editor, create_editor, load_editor, method, methods
+from editing.grace import GraceConfig
+from editing.memit import MemitConfig
+from editing.rome import RomeConfig
+from editing.wise import WiseConfig
+from tracing.facts import Fact
+from tracing.layer_set import LayerSet
+from tracing.tokens import encode, target_token_ids
+
+CORPUS = CorpusConfig(samples=48, max_tokens=24, batch_size=16)
+# settings that make each method's edit take on a tiny random model in a few seconds
+CONFIGS = {
+    "memit": MemitConfig(layers=(1, 2), mom2_weight=1.0, corpus=CORPUS, show_progress=False),
+    "rome": RomeConfig(layers=(2,), mom2_weight=1.0, corpus=CORPUS, show_progress=False),
+    "wise": WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, alpha=10.0, beta=40.0,
+                       gamma=20.0, corrupted_samples=4, subject_negatives=0, relation_negatives=0,
+                       subject_prefix=False, negatives=16, calibration=16),
+    "grace": GraceConfig(n_iter=30, edit_lr=0.5),
+}
+FACTS = [Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome"),
+         Fact("Germany", "The capital of {} is", "Berlin", "Madrid")]
+OTHER = ["My favourite food is", "The weather today is"]
+
+
+def digest(model) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def last_logits(model, prompts) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([encode(model, p)]))[0, -1] for p in prompts])
+
+
+def p_new(model, fact) -> float:
+    return float(torch.softmax(last_logits(model, [fact.prompt])[0].float(), -1)[target_token_ids(model, fact.target_new)[0]])
+
+
+def test_the_registry_has_every_builtin_method_with_its_config():
+    assert set(methods()) >= {"memit", "rome", "wise", "grace"}
+    assert set(CONFIGS) == set(methods()), "a registered method without a test config here"
+    assert method("wise").lifelong and not method("memit").lifelong
+    with pytest.raises(ValueError, match="unknown editing method 'alphaedit2'.*grace.*memit"):
+        method("alphaedit2")
+    with pytest.raises(TypeError, match="memit takes a MemitConfig, got WiseConfig"):
+        create_editor("memit", None, WiseConfig())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_edit_undo_save_load_through_the_interface(tiny_llama, name, tmp_path):
+    model, config = tiny_llama, CONFIGS[name]
+    weights, clean = digest(model), last_logits(model, [f.prompt for f in FACTS] + OTHER)
+    before = [p_new(model, f) for f in FACTS]
+
+    editor = create_editor(name, model, config)
+    assert isinstance(editor, Editor) and editor.method == name
+    try:
+        editor.edit(FACTS)
+        assert editor.facts == FACTS
+        after = [p_new(model, f) for f in FACTS]
+        assert all(a > 2 * b for a, b in zip(after, before)), (before, after)  # the edits took
+        if editor.routes:
+            routes = editor.route([FACTS[0].prompt, *OTHER])
+            assert routes[0].memory is not None and routes[0].prompt == FACTS[0].prompt
+        else:
+            with pytest.raises(NotImplementedError):
+                editor.route(OTHER)
+        edited = last_logits(model, [f.prompt for f in FACTS] + OTHER)
+        path = editor.save(tmp_path / f"{name}.safetensors")
+    finally:
+        editor.undo()
+    assert digest(model) == weights and torch.equal(last_logits(model, [f.prompt for f in FACTS] + OTHER), clean)
+
+    loaded = load_editor(name, path, model)
+    try:
+        assert loaded.facts == FACTS
+        reloaded = last_logits(model, [f.prompt for f in FACTS] + OTHER)
+        assert torch.equal(reloaded.argmax(-1), edited.argmax(-1))
+        torch.testing.assert_close(reloaded, edited, rtol=1e-5, atol=1e-5)
+    finally:
+        loaded.undo()
+    assert digest(model) == weights
+
+
+def test_a_weight_edit_records_where_its_layers_came_from(tiny_llama):
+    chosen = LayerSet((2, 1), "traced", "12 facts, peak-end, peak 2")
+    editor = create_editor("memit", tiny_llama, dataclasses.replace(CONFIGS["memit"], layers=chosen))
+    try:
+        edit = editor.edit(FACTS[0])
+        assert edit.layers == (1, 2)
+        assert edit.config["layer_source"] == {"source": "traced", "detail": "12 facts, peak-end, peak 2"}
+    finally:
+        editor.undo()
+    rome = create_editor("rome", tiny_llama, dataclasses.replace(CONFIGS["rome"], layers=chosen))
+    with pytest.raises(ValueError, match="ROME edits one layer"):
+        rome.edit(FACTS[0])
+
+
+def test_a_refused_request_changes_nothing_and_the_editor_goes_on(tiny_llama):
+    weights = digest(tiny_llama)
+    for name in sorted(CONFIGS):
+        editor = create_editor(name, tiny_llama, CONFIGS[name])
+        try:
+            bad = Fact("Colosseum", "The {} is located in the city of", "Rome", "")  # empty target
+            with pytest.raises(ValueError):
+                editor.edit([FACTS[0], bad])
+            assert editor.facts == [] and digest(tiny_llama) == weights
+        finally:
+            editor.undo()
+    assert digest(tiny_llama) == weights
+
+
+def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(tiny_llama):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import run_stream
+
+    weights = digest(tiny_llama)
+    from tracing.facts import known_facts, one_per_subject
+
+    facts = one_per_subject(known_facts())[:3]  # with locality prompts
+    rows = {protocol: run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, protocol, facts[:1])
+            for protocol in ("after_all", "after_each")}
+    from editing.evaluate import evaluate_accuracy, locality_predictions
+
+    unedited = evaluate_accuracy(tiny_llama, facts, locality_predictions(tiny_llama, facts))
+    for row in rows.values():
+        assert row["reliability"] > unedited.reliability + 0.3  # the codebook answers its own edit prompts
+        assert 0.0 <= row["locality"] <= 1.0 and row["routed"] == 1.0 and row["s_per_edit"] > 0
+    assert digest(tiny_llama) == weights
+
+
+def test_the_notebook_import_surface_resolves_every_name():
+    import editing
+    import tracing
+
+    for package in (tracing, editing):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
+        with pytest.raises(AttributeError):
+            package.no_such_name  # noqa: B018
+    assert tracing.trace_prompt.__module__ == "tracing.causal_trace"
+    assert editing.create_editor is create_editor
