@@ -1,5 +1,5 @@
 """Where WISE routes after T sequential edits: the lifelong metrics plus the share of prompts each kind
-sends to a side memory, for one configuration at a time (the ablations in editing/wise.py's docstring).
+sends to a side memory, for one configuration at a time (the ablations in docs/wise.md).
 
     python benchmarks/wise_routing.py NAME T [batch=10] [threads=1] [FIELD=VALUE ...]
 

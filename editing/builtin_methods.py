@@ -6,6 +6,7 @@ from editing.editor import Method, register
 from editing.grace import GraceConfig, GraceEditor
 from editing.memit import MemitConfig, apply_memit
 from editing.rome import RomeConfig, apply_rome
+from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
 from editing.weight_editor import WeightEditor
 from editing.wise import WiseConfig, WiseEditor
 
@@ -29,3 +30,8 @@ register(Method(
     create=lambda model, config: GraceEditor(config).attach(model),
     load=lambda path, model: GraceEditor.load(path, model),
     lifelong=True, summary="GRACE: a key-value codebook at one layer (weights unchanged)"))
+register(Method(
+    "subject-memory", SubjectMemoryConfig,
+    create=lambda model, config: SubjectMemoryEditor(config).attach(model),
+    load=lambda path, model: SubjectMemoryEditor.load(path, model),
+    lifelong=True, summary="Subject memory: MEMIT's target shifts in a codebook keyed at the subject (weights unchanged)"))

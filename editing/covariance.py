@@ -163,12 +163,13 @@ def _accumulate(model, layers: list[int], texts: list[str], corpus: CorpusConfig
     count = 0
     valid: torch.Tensor | None = None
 
-    def accumulate(key: torch.Tensor, hook) -> None:
-        layer = int(hook.name.split(".")[1])
-        rows = key[valid].float()
-        sums[layer] += rows.T @ rows
+    def accumulator(layer: int):
+        def accumulate(key: torch.Tensor, hook) -> None:
+            rows = key[valid].float()
+            sums[layer] += rows.T @ rows
+        return accumulate
 
-    hooks = [(adapter.mlp_key(layer), accumulate) for layer in layers]
+    hooks = [(adapter.mlp_key(layer), accumulator(layer)) for layer in layers]
     encoded = [ids[: corpus.max_tokens] for ids in (encode(model, t) for t in texts) if ids]
     batches = range(0, len(encoded), corpus.batch_size)
     for start in tqdm(batches, desc="key statistics", disable=not show_progress, leave=False):

@@ -16,6 +16,7 @@ CLIs, benchmarks and figures pick methods by name: ``create_editor("wise", model
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ def register(method: Method) -> Method:
 
 
 def _ensure_builtin() -> None:
-    import editing.builtin_methods  # noqa: F401  (registers memit, rome, wise, grace)
+    importlib.import_module("editing.builtin_methods")  # registers memit, rome, wise, grace
 
 
 def methods() -> dict[str, Method]:

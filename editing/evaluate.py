@@ -31,9 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from editing.prompts import right_padded
 from tracing.facts import Fact
-from tracing.tokens import encode, target_token_ids
+from tracing.tokens import encode, right_padded, target_token_ids
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "score")
 

@@ -21,17 +21,24 @@ padding and cached generation need no bookkeeping; training reruns only the bloc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from editing.editor import Editor, Route, as_facts
 from editing.requests import validate_requests
 from editing.targets import frozen_weights
-from editing.wise import add_permanent_hooks, default_layer, record_rows, remove_hooks, replay_later_blocks
+from editing.weights import weight_fingerprint
+from editing.side_layer import default_layer
+from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
-from tracing.blocks import logits_of
+from tracing.blocks import logits_of, record_rows, replay_later_blocks
 from tracing.facts import Fact
+from tracing.hooks import add_permanent_hooks, remove_hooks
+from tracing.io import load_tensors, save_tensors_atomic
 from tracing.tokens import encode, target_token_ids
 
 
@@ -61,9 +68,12 @@ class GraceResult:
     loss: float
 
 
-class GraceEditor:
-    """A GRACE codebook for one model, applied through TransformerBridge hooks; ``detach`` restores the
-    unedited model exactly."""
+class GraceEditor(Editor):
+    """A GRACE codebook for one model, applied through TransformerBridge hooks; ``detach`` (= ``undo``)
+    restores the unedited model exactly, and ``attach`` puts the codebook back."""
+
+    method = "grace"
+    routes = True
 
     def __init__(self, config: GraceConfig = GraceConfig()) -> None:
         self.config = config
@@ -73,6 +83,8 @@ class GraceEditor:
         self.values: torch.Tensor | None = None  # (N, d_model)
         self.radii: list[float] = []
         self.targets: list[str] = []
+        self.edited: list[Fact] = []
+        self.base_fingerprint: str | None = None  # of the layer's down-projection the codebook was made on
         self._handles: list = []
         self._key: torch.Tensor | None = None
         self._active = True
@@ -81,7 +93,13 @@ class GraceEditor:
         if self.model is not None:
             raise RuntimeError("this editor is already attached; detach it first")
         n_layers = ModelAdapter.of(model).n_layers
-        self.layer = default_layer(n_layers) if self.config.layer is None else self.config.layer
+        layer = default_layer(n_layers) if self.config.layer is None else self.config.layer
+        if self.layer is not None and layer != self.layer:
+            raise ValueError(f"this codebook belongs to layer {self.layer}, the config says {layer}")
+        fingerprint = weight_fingerprint(ModelAdapter.down_projection(model, layer))
+        if self.base_fingerprint is not None and fingerprint != self.base_fingerprint:
+            raise ValueError(f"the layer-{layer} down-projection differs from the one this codebook was made for")
+        self.layer, self.base_fingerprint = layer, fingerprint
         self._handles = add_permanent_hooks(model, [(ModelAdapter.mlp_key(self.layer), self._keep_key),
                                                     (ModelAdapter.mlp_value(self.layer), self._replace)])
         self.model = model
@@ -90,6 +108,37 @@ class GraceEditor:
     def detach(self) -> None:
         remove_hooks(self._handles)
         self._handles, self.model, self._key = [], None, None
+
+    def undo(self) -> None:
+        """The unedited model again (hooks removed; the codebook stays in this object)."""
+        if self.model is not None:
+            self.detach()
+
+    @property
+    def facts(self) -> list[Fact]:
+        return list(self.edited)
+
+    # --- persistence --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """The codebook (keys, values, radii, labels) and the facts, atomically, fingerprinted."""
+        if self.keys is None:
+            raise RuntimeError("nothing to save: the codebook is empty")
+        tensors = {"keys": self.keys.detach().cpu().contiguous(), "values": self.values.detach().cpu().contiguous()}
+        meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "radii": self.radii,
+                "targets": self.targets, "base_fingerprint": self.base_fingerprint,
+                "facts": [fact.to_counterfact() for fact in self.edited]}
+        return save_tensors_atomic(path, tensors, "factlens_grace", meta)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "GraceEditor":
+        """The saved codebook; attached to ``model`` when given (refused if its layer's weights differ)."""
+        tensors, meta = load_tensors(path, "factlens_grace")
+        editor = cls(GraceConfig(**meta["config"]))
+        editor.keys, editor.values = tensors["keys"], tensors["values"]
+        editor.radii, editor.targets, editor.layer = list(meta["radii"]), list(meta["targets"]), meta["layer"]
+        editor.base_fingerprint = meta["base_fingerprint"]
+        editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]
+        return editor.attach(model) if model is not None else editor
 
     # --- hooks --------------------------------------------------------------------------------------
     def _keep_key(self, key: torch.Tensor, hook) -> None:
@@ -110,19 +159,31 @@ class GraceEditor:
         return entry, nearest <= radii[entry]
 
     @torch.no_grad()
-    def lookup(self, prompts: Sequence[str]) -> list[int | None]:
-        """The codebook entry each prompt's last token would use (None: the layer's own output)."""
+    def route(self, prompts: Sequence[str]) -> list[Route]:
+        """The codebook entry each prompt's last token uses (``memory`` None: the layer's own output)."""
         if self.keys is None:
-            return [None] * len(prompts)
+            return [Route(p, None) for p in prompts]
         keys = [self.key_of(p) for p in prompts]
         entry, hit = self._nearest(torch.stack(keys))
-        return [int(e) if h else None for e, h in zip(entry, hit)]
+        return [Route(p, int(e) if h else None) for p, e, h in zip(prompts, entry, hit)]
+
+    def lookup(self, prompts: Sequence[str]) -> list[int | None]:
+        """Just the entries of :meth:`route`."""
+        return [r.memory for r in self.route(prompts)]
 
     # --- editing ------------------------------------------------------------------------------------
-    def edit(self, fact: Fact) -> GraceResult:
-        """Add or update the codebook entry for one fact and train its value (GRACE edits one at a time)."""
+    def edit(self, facts: Fact | Sequence[Fact]) -> GraceResult | list[GraceResult]:
+        """Add or update the codebook entry of each fact and train its value, one fact after the other
+        (GRACE edits one at a time); one result for one fact, a list for a sequence. Every request is
+        checked before the first changes anything."""
+        if self.model is None:
+            raise RuntimeError("attach the editor to a model first")
+        requests = validate_requests(self.model, as_facts(facts))
+        results = [self._edit_one(fact) for fact in requests]
+        return results[0] if isinstance(facts, Fact) else results
+
+    def _edit_one(self, fact: Fact) -> GraceResult:
         model = self.model
-        (fact,) = validate_requests(model, [fact])
         prompt = encode(model, fact.prompt)
         target = target_token_ids(model, fact.target_new)
         self._active = False
@@ -135,6 +196,7 @@ class GraceEditor:
                 loss = self._train(entry, recorded, position, target)
         finally:
             self._active = True
+        self.edited.append(fact)
         return GraceResult(entry, action, distance, loss)
 
     def _place(self, key: torch.Tensor, label: str, output: torch.Tensor) -> tuple[int, str, float]:
@@ -185,14 +247,9 @@ class GraceEditor:
     @torch.no_grad()
     def key_of(self, prompt: str) -> torch.Tensor:
         """The key GRACE reads for a prompt: the down-projection input at its last token."""
-        captured = {}
-
-        def keep(key: torch.Tensor, hook) -> None:
-            captured["key"] = key[0, -1].float()
-
-        self.model.run_with_hooks(torch.tensor([encode(self.model, prompt)], device=self._device()),
-                                  fwd_hooks=[(ModelAdapter.mlp_key(self.layer), keep)], stop_at_layer=self.layer + 1)
-        return captured["key"]
+        row = encode(self.model, prompt)
+        return activations_at(self.model, [row], ModelAdapter.mlp_key(self.layer), stop_at_layer=self.layer + 1,
+                              positions=[len(row) - 1])[0]
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -18,25 +18,29 @@ With a single layer this is the soft (λ-regularised) form of ROME's rank-one up
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
+
+if __name__ == "__main__":  # answer --help and refuse bad arguments before the slow imports below (torch)
+    from editing.cli import memit_parser
+
+    memit_parser().parse_args()
 
 import torch
 from tqdm.auto import tqdm
 
 from editing.contexts import context_templates as generated_contexts
 from editing.covariance import CorpusConfig, key_second_moments
-from editing.prompts import PromptRow, in_context, right_padded, subject_row
+from editing.prompts import PromptRow, in_context, subject_row
 from editing.requests import validate_requests
 from editing.targets import TargetConfig, compute_targets
 from editing.weights import WeightEdit, edit_for
+from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
-from tracing.facts import SLOT, Fact
-from tracing.locate import critical_layers_for
+from tracing.facts import Fact
+from tracing.layer_set import LayerSet, critical_layers_for
 from tracing.models import model_spec
 
 
@@ -47,11 +51,12 @@ GPTJ_MOM2_WEIGHT, GPTJ_D_MLP = 15000.0, 16384
 class MemitConfig:
     """MEMIT hyperparameters; defaults are the paper's GPT-J settings except where noted.
 
-    ``layers=None`` takes the critical layers tracing found for the model (``python -m tracing.locate``),
-    falling back to the paper's layers for GPT-J / GPT-2 XL.
+    ``layers``: a :class:`~tracing.layer_set.LayerSet` (what ``locate()`` returns, with its provenance), a
+    tuple of layers, or None for the critical layers last saved for the model (``python -m tracing.locate``,
+    then the packaged result, then the paper's layers for GPT-J / GPT-2 XL).
     """
 
-    layers: tuple[int, ...] | None = None
+    layers: LayerSet | tuple[int, ...] | None = None
     mom2_weight: float | None = None  # λ; None: the paper's value for its models, else scaled by d_mlp
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
@@ -60,17 +65,26 @@ class MemitConfig:
     seed: int = 0
     show_progress: bool = True
 
-    def resolved_layers(self, model) -> tuple[int, ...]:
-        layers = self.layers if self.layers is not None else critical_layers_for(model)
-        if not layers:
+    def resolved_layer_set(self, model) -> LayerSet:
+        """The layers to edit with their provenance, checked against the model."""
+        if isinstance(self.layers, LayerSet):
+            chosen = self.layers
+        elif self.layers is not None:
+            chosen = LayerSet(tuple(self.layers), "given")
+        else:
+            chosen = critical_layers_for(model)
+        if chosen is None:
             raise ValueError(
                 f"no critical layers known for {model_spec(model).name!r}: pass MemitConfig(layers=...) or run "
                 "`python -m tracing.locate <model>` first"
             )
         n_layers = ModelAdapter.of(model).n_layers
-        if any(not 0 <= layer < n_layers for layer in layers):
-            raise ValueError(f"layers {layers} out of range for a {n_layers}-layer model")
-        return tuple(sorted(set(layers)))
+        if any(not 0 <= layer < n_layers for layer in chosen.layers):
+            raise ValueError(f"layers {chosen.layers} out of range for a {n_layers}-layer model")
+        return chosen
+
+    def resolved_layers(self, model) -> tuple[int, ...]:
+        return self.resolved_layer_set(model).layers
 
     def resolved_mom2_weight(self, model) -> float:
         """λ. The realised fraction of a residual at a typical key is s / (1 + s) with s ≈ d_mlp / λ
@@ -93,23 +107,10 @@ def context_templates(model, config: MemitConfig) -> list[list[str]]:
 # --- keys --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _states_at(model, rows: Sequence[PromptRow], hook_name: str, stop_at_layer: int,
-               batch_size: int = 64) -> torch.Tensor:
+def _states_at(model, rows: Sequence[PromptRow], hook_name: str, stop_at_layer: int) -> torch.Tensor:
     """The activation ``hook_name`` at each row's subject-last token, (len(rows), width)."""
-    collected: list[torch.Tensor] = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start: start + batch_size]
-        lookups = torch.tensor([r.lookup for r in batch])
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(value: torch.Tensor, hook) -> None:
-            captured["value"] = value[torch.arange(len(batch)), lookups.to(value.device)].float()
-
-        model.run_with_hooks(right_padded(model, [r.ids for r in batch]), fwd_hooks=[(hook_name, keep)],
-                             stop_at_layer=stop_at_layer)
-        collected.append(captured["value"])
-    return torch.cat(collected)
+    return activations_at(model, [r.ids for r in rows], hook_name, stop_at_layer,
+                          positions=[r.lookup for r in rows], batch_size=64)
 
 
 def compute_keys(model, requests: Sequence[Fact], layer: int, templates: list[list[str]]) -> torch.Tensor:
@@ -154,7 +155,8 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
     bit for bit. Invalid requests raise before any weight changes.
     """
     requests = validate_requests(model, requests)
-    layers = config.resolved_layers(model)
+    layer_set = config.resolved_layer_set(model)
+    layers = layer_set.layers
     mom2_weight = config.resolved_mom2_weight(model)
     adapter = ModelAdapter.of(model)
     mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress)
@@ -180,13 +182,14 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             for layer, original in originals.items():
                 adapter.down_projection(model, layer).copy_(original)
     # the weights are the originals again: the edit is fingerprinted against them and applied as a whole
-    edit = edit_for(model, "memit", deltas, list(requests), _config_record(config, layers, mom2_weight))
+    edit = edit_for(model, "memit", deltas, list(requests), _config_record(config, layer_set, mom2_weight))
     return edit.apply(model)
 
 
-def _config_record(config: MemitConfig, layers: tuple[int, ...], mom2_weight: float) -> dict:
+def _config_record(config: MemitConfig, layer_set: LayerSet, mom2_weight: float) -> dict:
     record = dataclasses.asdict(config)
-    record["layers"] = list(layers)
+    record["layers"] = list(layer_set.layers)
+    record["layer_source"] = {"source": layer_set.source, "detail": layer_set.detail}
     record["mom2_weight"] = mom2_weight
     record.pop("show_progress")
     return record
@@ -194,46 +197,34 @@ def _config_record(config: MemitConfig, layers: tuple[int, ...], mom2_weight: fl
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m editing.memit``: edit N facts from a JSON file (or the bundled ones), evaluate before
-    and after, write the table."""
+    and after, write the table (see :func:`editing.cli.memit_parser`)."""
+    from editing.cli import memit_parser
     from editing.evaluate import METRICS, evaluate_counterfact, markdown_table
-    from tracing.facts import known_facts, load_facts, one_per_subject, spread
+    from tracing import cli
+    from tracing.facts import one_per_subject, spread
     from tracing.io import write_json_atomic, write_text_atomic
-    from tracing.models import EMBEDDED_MODEL, ModelUnavailableError, UnknownModelError, load_model
+    from tracing.models import ModelUnavailableError, UnknownModelError, load_model
 
-    parser = argparse.ArgumentParser(prog="python -m editing.memit", description=main.__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", default=EMBEDDED_MODEL)
-    parser.add_argument("--facts", default=None, help="CounterFact or zsRE JSON (default: the bundled known facts)")
-    parser.add_argument("-n", "--n-edits", type=int, default=100, help="how many facts to edit at once")
-    parser.add_argument("--layers", default=None, help="comma-separated layers (default: from tracing)")
-    parser.add_argument("--mom2-weight", type=float, default=None, help="λ (default: scaled from GPT-J's 15000)")
-    parser.add_argument("--corpus", default="model", help="C0 corpus: model, a text file/folder, or hf:<dataset>")
-    parser.add_argument("--corpus-samples", type=int, default=1000)
-    parser.add_argument("--generation-cases", type=int, default=0, help="cases whose generations give GE")
-    parser.add_argument("--out-dir", default="out/memit", help="where the evaluation table is written")
-    parser.add_argument("--save-edit", default=None, help="save the edit (.safetensors)")
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-
-    try:
+    args = memit_parser().parse_args(argv)
+    cli.check_model_name(args.model)
+    cli.check_device(args.device)
+    requests = spread(one_per_subject(cli.facts_from(args.facts)), args.n_edits)
+    config = MemitConfig(layers=args.layers, mom2_weight=args.mom2_weight,
+                         corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples))
+    with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)
-        facts = load_facts(args.facts) if args.facts else known_facts()
-        config = MemitConfig(
-            layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
-            mom2_weight=args.mom2_weight,
-            corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples),
-        )
-        requests = spread(one_per_subject(facts), args.n_edits)
-        before = evaluate_counterfact(model, requests, args.generation_cases)
+    with cli.user_errors(ValueError):  # layers out of range, requests that cannot be edited: before any work
+        config.resolved_layers(model)
+        validate_requests(model, requests)
+    before = evaluate_counterfact(model, requests, args.generation_cases)
+    with cli.user_errors(ModelUnavailableError, ValueError):  # e.g. an hf: corpus without network
         edit = apply_memit(model, requests, config)
-    except (UnknownModelError, ModelUnavailableError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     after = evaluate_counterfact(model, requests, args.generation_cases)
     columns = [*METRICS, "GE"] if args.generation_cases else list(METRICS)
     rows = {"unedited": before.as_dict(), f"MEMIT ({len(requests)} edits)": after.as_dict()}
     table = markdown_table(rows, columns, plain=["GE"])
     print(f"layers {list(edit.layers)}, λ = {edit.config['mom2_weight']:.0f}\n{table}")
-    out = Path(args.out_dir)
+    out = args.out_dir
     write_text_atomic(out / "memit_eval.md", table + "\n")
     write_json_atomic(out / "memit_eval.json", {"config": edit.config, "n_edits": len(requests), **rows})
     if args.save_edit:

@@ -8,9 +8,7 @@ subject location and padding identical for keys, targets and evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
-import torch
 
 from tracing.facts import SLOT, Fact, encode_fact
 
@@ -38,14 +36,3 @@ def in_context(context: str, template: str) -> str:
     return context.replace(SLOT, template)
 
 
-def right_padded(model, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-    """A (len(rows), max length) tensor, padded at the end.
-
-    With causal attention a real token never attends to padding that comes after it, so every real
-    position computes exactly what it would alone; no attention mask is needed.
-    """
-    tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(r) for r in rows)
-    device = next(model.parameters()).device
-    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)

@@ -18,7 +18,11 @@ class EditRequestError(ValueError):
 
 
 def validate_requests(model, facts: Iterable[Fact]) -> list[Fact]:
-    """Return the requests as a list, or raise :class:`EditRequestError` naming every problem found."""
+    """Return the requests as a list, or raise :class:`EditRequestError` naming every problem found.
+
+    Targets are compared after :func:`_normalised` (surrounding whitespace does not count: the edit
+    writes the target's tokens after one space either way); messages quote the values as given (repr).
+    """
     facts = list(facts)
     if not facts:
         raise EditRequestError("no edit requests given")
@@ -26,8 +30,12 @@ def validate_requests(model, facts: Iterable[Fact]) -> list[Fact]:
     targets: dict[tuple[str, str], str] = {}
     for i, fact in enumerate(facts):
         where = f"request {i} ({fact.subject!r})"
-        if fact.target_new is None or not fact.target_new.strip():
-            problems.append(f"{where}: empty target_new")
+        if fact.target_new is None or not _normalised(fact.target_new):
+            problems.append(f"{where}: empty target_new {fact.target_new!r}")
+            continue
+        if _normalised(fact.target_new) == _normalised(fact.target_true):
+            problems.append(f"{where}: target_new {fact.target_new!r} is the true target {fact.target_true!r}; "
+                            "there is nothing to edit")
             continue
         try:
             encode_fact(model, fact)
@@ -35,12 +43,16 @@ def validate_requests(model, facts: Iterable[Fact]) -> list[Fact]:
         except (SubjectNotFoundError, ValueError) as error:
             problems.append(f"{where}: {error}")
             continue
-        key = (fact.subject, fact.relation or fact.template)
-        previous = targets.setdefault(key, fact.target_new.strip())
-        if previous != fact.target_new.strip():
-            problems.append(
-                f"{where}: conflicting targets for the same subject and relation: {previous!r} vs {fact.target_new!r}"
-            )
+        key = (_normalised(fact.subject), fact.relation or fact.template)
+        previous = targets.setdefault(key, fact.target_new)
+        if _normalised(previous) != _normalised(fact.target_new):
+            problems.append(f"{where}: conflicting targets for the same subject and relation: "
+                            f"{previous!r} vs {fact.target_new!r}")
     if problems:
         raise EditRequestError("refusing to edit; nothing was changed:\n  " + "\n  ".join(problems))
     return facts
+
+
+def _normalised(target: str) -> str:
+    """What two targets are compared by: the text without surrounding whitespace."""
+    return target.strip()

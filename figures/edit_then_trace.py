@@ -10,27 +10,23 @@ WISE's side-memory layer. The neighbour (same relation, another subject, its own
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
-
-from tracing.causal_trace import TraceConfig, trace_fact
-from tracing.facts import Fact, known_facts
-from tracing.models import load_model
-from tracing.plot import plot_trace_comparison, save_figure
 
 DEFAULT_SUBJECT = "Germany"
 
 
-def pick_facts(subject: str) -> tuple[Fact, Fact]:
+def pick_facts(subject: str):
     """The fact about ``subject`` and the first other known fact of the same relation."""
+    from tracing.facts import known_facts
+
     facts = known_facts()
     fact = next(f for f in facts if f.subject == subject)
     neighbour = next(f for f in facts if f.relation == fact.relation and f.subject != subject)
     return fact, neighbour
 
 
-def apply_edit(model, method: str, fact: Fact, layers: tuple[int, ...] | None = None):
+def apply_edit(model, method: str, fact, layers: tuple[int, ...] | None = None):
     """Edit ``fact`` with the registered ``method``; returns the editor (``editor.undo()`` takes it back).
     ``layers``: the layers a weight editor writes, or a memory editor's layer (the first); None takes the
     method's defaults (tracing's critical layers, WISE's late layer)."""
@@ -50,19 +46,42 @@ def apply_edit(model, method: str, fact: Fact, layers: tuple[int, ...] | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["memit", "wise"], default="memit")
-    parser.add_argument("--subject", default=DEFAULT_SUBJECT, help="subject of a bundled known fact")
-    parser.add_argument("--kinds", default="resid,mlp", help="comma-separated kinds to trace")
-    parser.add_argument("--out-dir", default="docs")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--layers", default=None, help="comma-separated layers to edit (default: as the method)")
-    args = parser.parse_args(argv)
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    from tracing import cli
 
-    model = load_model(args.model)
-    config = TraceConfig(kinds=tuple(args.kinds.split(",")), show_progress=False)
-    fact, neighbour = pick_facts(args.subject)
+    parser = cli.ArgumentParser(prog="python -m figures.edit_then_trace", description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="memit", type=cli.text,
+                        help="a registered editing method: memit, rome, wise, grace, ... (default memit)")
+    parser.add_argument("--subject", default=DEFAULT_SUBJECT, type=cli.text,
+                        help=f"subject of a bundled known fact (default {DEFAULT_SUBJECT})")
+    parser.add_argument("--kinds", default=("resid", "mlp"), type=cli.kind_list,
+                        help="comma-separated kinds to trace (default resid,mlp)")
+    parser.add_argument("--out-dir", default="docs", type=cli.output_folder, help="folder for the figures (default docs)")
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL, type=cli.text, help="model name or folder")
+    parser.add_argument("--layers", default=None, type=cli.layer_list,
+                        help="comma-separated layers to edit (default: as the method)")
+    args = parser.parse_args(argv)
+    layers = args.layers
+    from editing.editor import method as registered
+    from tracing.adapter import ModelAdapter
+    from tracing.causal_trace import TraceConfig, trace_fact
+    from tracing.models import ModelUnavailableError, load_model
+    from tracing.plot import plot_trace_comparison, save_figure
+
+    with cli.user_errors(ValueError):
+        registered(args.method)
+    try:
+        fact, neighbour = pick_facts(args.subject)
+    except StopIteration:
+        cli.fail(f"--subject {args.subject!r} is not the subject of a bundled known fact that has a neighbour "
+                 f"(e.g. {DEFAULT_SUBJECT!r})")
+    cli.check_model_name(args.model)
+
+    with cli.user_errors(ModelUnavailableError):
+        model = load_model(args.model)
+    n_layers = ModelAdapter.of(model).n_layers
+    if layers and max(layers) >= n_layers:
+        cli.fail(f"argument --layers: {args.model} has layers 0 to {n_layers - 1}, got {list(layers)}")
+    config = TraceConfig(kinds=args.kinds, show_progress=False)
     before = [trace_fact(model, fact, config=config), trace_fact(model, neighbour, config=config)]
     editor = apply_edit(model, args.method, fact, layers)
     try:

@@ -5,20 +5,26 @@
 
 from __future__ import annotations
 
-import argparse
+from tracing import cli
 
-from tracing.causal_trace import TraceConfig, trace_prompt
-from tracing.models import load_model
-from tracing.plot import plot_trace, save_figure
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/eiffel_smollm2.png")
-    parser.add_argument("--model", default="smollm2")
+    parser = cli.ArgumentParser(prog="python -m figures.trace_eiffel", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/eiffel_smollm2.png", type=cli.figure_file,
+                        help="output image (default docs/eiffel_smollm2.png)")
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL, type=cli.text, help="model name or folder")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
-    trace = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower", config=TraceConfig())
+    cli.check_model_name(args.model)
+
+    from tracing.causal_trace import TraceConfig, trace_prompt
+    from tracing.models import ModelUnavailableError, load_model
+    from tracing.plot import plot_trace, save_figure
+
+    with cli.user_errors(ModelUnavailableError):
+        model = load_model(args.model)
+    trace = trace_prompt(model, PROMPT, SUBJECT, config=TraceConfig())
     print(save_figure(plot_trace(trace), args.out))
 
 

@@ -1,12 +1,26 @@
-"""Shared fixtures: tiny random models (fast, offline) and the embedded SmolLM2 (end-to-end tests)."""
+"""Shared fixtures: tiny random models (fast, offline) and the embedded SmolLM2 (end-to-end tests).
+
+The suite never reads or writes the user's cache (``~/.cache/factlens``): before anything is imported or
+cached, ``FACTLENS_CACHE`` points at one temporary folder for the whole session, filled once (the
+embedded model's export, tokenizer, MEMIT statistics) and removed when the session ends. Subprocesses
+(notebook kernels) inherit it.
+"""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
+import shutil
+import tempfile
 
-import pytest
+SUITE_CACHE = tempfile.mkdtemp(prefix="factlens-test-cache-")
+os.environ["FACTLENS_CACHE"] = SUITE_CACHE
+atexit.register(shutil.rmtree, SUITE_CACHE, ignore_errors=True)
 
-from tracing.models import load_model
+import pytest  # noqa: E402  (after the cache is set)
+
+from tracing.models import load_model  # noqa: E402
 
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox")
 

@@ -13,6 +13,7 @@ from editing.editor import Editor, create_editor, load_editor, method, methods
 from editing.grace import GraceConfig
 from editing.memit import MemitConfig
 from editing.rome import RomeConfig
+from editing.subject_memory import SubjectMemoryConfig
 from editing.wise import WiseConfig
 from tracing.facts import Fact
 from tracing.layer_set import LayerSet
@@ -27,6 +28,8 @@ CONFIGS = {
                        gamma=20.0, corrupted_samples=4, subject_negatives=0, relation_negatives=0,
                        subject_prefix=False, negatives=16, calibration=16),
     "grace": GraceConfig(n_iter=30, edit_lr=0.5),
+    # a random model has no subject identity across contexts: key on the bare prompt alone
+    "subject-memory": SubjectMemoryConfig(layer=2, calibration=32, context_prefixes=()),
 }
 FACTS = [Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome"),
          Fact("Germany", "The capital of {} is", "Berlin", "Madrid")]

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from tracing.facts import Fact, fact_from_prompt, known_facts, load_facts, save_facts, unused_fact_prompts
+from tracing.candidates import unused_fact_prompts
+from tracing.facts import Fact, fact_from_prompt, known_facts, load_facts, save_facts
 from tracing.tokens import SubjectNotFoundError
 
 COUNTERFACT_RECORD = {

@@ -53,7 +53,9 @@ def test_locate_figures(tmp_path, monkeypatch, capsys):
 
 def test_locate_refuses_when_no_fact_is_known(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FACTLENS_CACHE", str(tmp_path / "cache"))
-    assert locate_layers.main(["--model", "tiny-llama", "--facts", "3", "--out-dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit:
+        locate_layers.main(["--model", "tiny-llama", "--facts", "3", "--out-dir", str(tmp_path)])
+    assert exit.value.code == 2
     assert "predicts correctly" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "critical_layers").exists()
 

@@ -1,9 +1,21 @@
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 import tracing.models as models
 from tracing.adapter import ModelAdapter
 from tracing.models import ModelUnavailableError, UnknownModelError, load_model, resolve_model_name
+
+
+def test_the_suite_never_touches_the_users_cache(monkeypatch):
+    suite = models.cache_dir().resolve()
+    monkeypatch.delenv("FACTLENS_CACHE")
+    users = {models.cache_dir().resolve(), (Path.home() / ".cache" / "factlens").resolve()}
+    for user in users:  # tests/conftest.py sets FACTLENS_CACHE to a temporary folder for the session
+        assert suite != user and user not in suite.parents and suite not in user.parents
+    assert suite.name.startswith("factlens-test-cache-") and suite.is_relative_to(Path(tempfile.gettempdir()).resolve())
 
 
 def test_aliases_resolve_to_hub_ids():

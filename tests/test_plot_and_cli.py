@@ -53,17 +53,31 @@ def test_cli_draws_a_heatmap_for_a_tiny_model(tmp_path, capsys):
     assert "strongest restore" in capsys.readouterr().out
 
 
+def test_cli_traces_a_multi_token_answer_only_when_asked(tmp_path, capsys):
+    argv = ["tiny-gpt2", "--kind", "mlp", "--samples", "1", "--answer", "zzqxj", "--out", str(tmp_path / "z.png")]
+    with pytest.raises(SystemExit):
+        heatmap.main(argv)
+    assert "[' z', 'z', 'q', 'x', 'j']" in capsys.readouterr().err and not (tmp_path / "z.png").exists()
+    assert heatmap.main([*argv, "--allow-multi-token-answer"]) == 0
+    assert "answer       'z'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["tiny-llama", "--prompt", "The capital of Germany is", "--subject", "France"], "does not occur"),
     (["tiny-llama", "--prompt", "The capital of Germany is"], "needs --subject"),
     (["no-such-model"], "Unknown model name"),
 ])
 def test_cli_errors_are_one_clear_line(argv, needle, capsys, tmp_path):
-    assert heatmap.main([*argv, "--out", str(tmp_path / "x.png")]) == 2
-    assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        heatmap.main([*argv, "--out", str(tmp_path / "x.png")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_cli_offline_hub_model(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert heatmap.main(["gpt-j", "--out", str(tmp_path / "x.png")]) == 2
+    with pytest.raises(SystemExit) as exit:
+        heatmap.main(["gpt-j", "--out", str(tmp_path / "x.png")])
+    assert exit.value.code == 2
     assert "EleutherAI/gpt-j-6B" in capsys.readouterr().err

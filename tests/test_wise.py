@@ -37,7 +37,7 @@ def weights_digest(model) -> str:
 
 
 def logits(model, texts):
-    from editing.prompts import right_padded
+    from tracing.tokens import right_padded
 
     with torch.no_grad():
         return model(right_padded(model, [encode(model, t) for t in texts]))
@@ -93,7 +93,7 @@ def test_the_threshold_floor_keeps_every_calibration_prompt_on_the_main_memory(t
     assert all(r.memory is None for r in routes)
     # ... and a lower quantile lets the top few through
     editor.config = dataclasses.replace(editor.config, calibration_quantile=0.5)
-    editor._refresh_floors()
+    editor.calibrator.refresh(editor.memories, editor.requests)
     assert memory.floor == pytest.approx(float(torch.tensor(scores).quantile(0.5)))
 
 
@@ -142,7 +142,7 @@ def test_a_floor_keeps_out_every_prompt_it_was_calibrated_to_keep_out_whatever_t
 def test_negative_rows_never_name_a_subject_of_the_edit(tiny_llama, attached):
     negatives = ["The capital of France is", "Paris is a city in", "The Eiffel Tower is made of", "My dog is"]
     editor = attached(tiny_llama, editor=WiseEditor(dataclasses.replace(TINY, negatives_per_edit=4), negatives, []))
-    keys, valid = editor._negative_rows([EIFFEL])
+    keys, valid = editor.negative_sampler.pool_rows([EIFFEL], editor.n_edits)
     assert len(keys) == 3  # the Eiffel Tower prompt is left out
     kept, _ = editor._negatives
     assert all(any(torch.equal(k, kept[i]) for i in (0, 1, 3)) for k in keys)
@@ -158,20 +158,20 @@ def test_subject_and_relation_negatives_are_other_facts_of_the_subject_and_of_th
     keys, valid = editor._fact_negative_rows(tiny_llama, [germany])
     assert len(keys) == 6 + 5 and valid.any(1).all()
     # the subject in templates of relations edited for it neither now nor before
-    same_subject = editor._subject_negative_prompts([germany])
+    same_subject = editor.negative_sampler.subject_prompts([germany], editor.requests, editor.n_edits)
     assert len(same_subject) == 6 and all("Germany" in p for p in same_subject)
     own = {t.replace("{}", "Germany") for r in ("P36", "P37") for t in editor.templates[r]}
     assert not set(same_subject) & own
     # the relation's templates about subjects other than Germany, none named by a calibration prompt
-    same_relation = editor._relation_negative_prompts([germany])
+    same_relation = editor.negative_sampler.relation_prompts([germany], editor.requests, editor.n_edits)
     assert len(same_relation) == 5
-    parsed = [editor._parse(p) for p in same_relation]
+    parsed = [editor.relations.parse(p) for p in same_relation]
     assert all(relation == "P36" and subject != "Germany" for subject, relation in parsed)
-    assert not {subject for subject, _ in parsed} & {editor._parse(p)[0] for p in editor.calibration_prompts}
+    assert not {subject for subject, _ in parsed} & {editor.relations.parse(p)[0] for p in editor.calibration_prompts}
     # no prompt an evaluation or the calibration reads
     assert not set(same_subject + same_relation) & (evaluated_prompts() | set(editor.calibration_prompts))
     # an edit whose template is a known relation's gets that relation even without a relation id
-    assert editor._relation_of(dataclasses.replace(germany, relation=None)) == "P36"
+    assert editor.relations.relation_of(dataclasses.replace(germany, relation=None)) == "P36"
 
 
 def test_calibration_leaves_out_the_edited_facts_and_by_choice_their_subjects(tiny_llama, attached):
@@ -179,11 +179,11 @@ def test_calibration_leaves_out_the_edited_facts_and_by_choice_their_subjects(ti
     germany = known_facts(relation="P36")[0]
     prompts = ["The capital of Germany is", "The capital city of Germany is", "In Germany, the official language is",
                "The capital of France is", "Germany and France are", "The capital of East Germany is"]
-    assert editor._parse(prompts[2]) == ("Germany", "P37") and editor._parse(prompts[4]) is None
+    assert editor.relations.parse(prompts[2]) == ("Germany", "P37") and editor.relations.parse(prompts[4]) is None
     # "fact": only prompts of the edited (subject, relation) or of unknown shape that name the subject
-    assert editor._out_of_scope(prompts, [germany]) == [2, 3]
+    assert editor.calibrator.out_of_scope(prompts, [germany]) == [2, 3]
     editor.config = dataclasses.replace(editor.config, calibration_scope="subject")
-    assert editor._out_of_scope(prompts, [germany]) == [3]
+    assert editor.calibrator.out_of_scope(prompts, [germany]) == [3]
     with pytest.raises(ValueError, match="calibration_scope"):
         WiseConfig(calibration_scope="relation")
 
@@ -416,7 +416,7 @@ def test_grace_edits_only_the_stored_key(tiny_llama):
 def test_grace_codebook_adds_expands_and_splits_radii(tiny_llama):
     from editing.grace import GraceConfig, GraceEditor
 
-    other = Fact("Colosseum", "The {} is located in the city of", "Rome", "Rome")  # same label as EIFFEL
+    other = Fact("Colosseum", "The {} is located in the city of", "Naples", "Rome")  # same label as EIFFEL
     editor = GraceEditor(GraceConfig(n_iter=1)).attach(tiny_llama)
     try:
         distance = float((editor.key_of(EIFFEL.prompt) - editor.key_of(other.prompt)).norm())

@@ -1,12 +1,13 @@
-"""Run a bridge's transformer blocks one by one on the *suffix* of a batch, over a cached prefix.
+"""Record the calls into a bridge's transformer blocks once, then rerun only the later blocks.
 
-Tracing (restore a state, see what changes) and MEMIT's target optimisation (shift a state, train the
-shift) both change one hidden state and need the model's output after it. Everything before that state
-is fixed: earlier positions come from a key/value cache, earlier layers are skipped. What a block needs
-besides its hidden states — attention mask, rotary tables, position ids — depends on the architecture,
-so we never build it ourselves: :func:`capture_block_calls` records the arguments each block receives
-in one real forward of the suffix over the cached prefix, and :func:`call_block` replays them with a
-different batch of hidden states. Hooks on the blocks keep firing.
+Tracing (restore a state, see what changes), MEMIT's target optimisation (shift a state, train the shift)
+and the hook editors' training (WISE's side memory, GRACE's values: change one layer's MLP output) all
+change one hidden state and need the model's output after it. Everything before that state is fixed:
+earlier layers are skipped and, for tracing and MEMIT, earlier positions come from a key/value cache.
+What a block needs besides its hidden states — attention mask, rotary tables, position ids — depends on
+the architecture, so we never build it ourselves: :func:`capture_block_calls` records the arguments each
+block receives in one real forward, and :func:`call_block` / :func:`replay_later_blocks` replay them
+with a different batch of hidden states. Hooks on the blocks keep firing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+from tracing.adapter import ModelAdapter
 
 
 class EngineUnsupported(RuntimeError):
@@ -40,9 +44,10 @@ class PrefixKV:
 
 @dataclass
 class BlockCalls:
-    """The (args, kwargs) every block received in one forward, and any hidden states kept from it."""
+    """The (args, kwargs) each recorded block received in one forward (None for a block not recorded),
+    and any hidden states kept from it."""
 
-    arguments: list[tuple[tuple, dict]]
+    arguments: list[tuple[tuple, dict] | None]
     kept: dict[str, torch.Tensor]
     n_rows: int
 
@@ -83,48 +88,95 @@ def filled_cache(model, tokens: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 @torch.no_grad()
-def capture_block_calls(model, suffix: torch.Tensor, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        attention_mask: torch.Tensor | None = None, keep: Sequence[str] = ()) -> BlockCalls:
-    """Run ``suffix`` over the cached prefix once, recording each block's call arguments and the
-    activations named in ``keep`` (for the suffix positions)."""
+def capture_block_calls(model, tokens: torch.Tensor,
+                        prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        attention_mask: torch.Tensor | None = None, keep: Sequence[str] = (),
+                        blocks: Sequence[int] | None = None) -> BlockCalls:
+    """Run ``tokens`` once, recording the call arguments of ``blocks`` (None: every block) and the
+    activations named in ``keep``; the forward stops after the last block (no final norm, no unembedding).
+
+    With ``prefix_kv`` the tokens are a suffix over that cached prefix (the calls then hold a cache, which
+    :func:`call_block` swaps for the prefix it is given); without it the forward uses no cache at all, so
+    replayed calls never append to one."""
     from transformers import DynamicCache
 
-    arguments: list[tuple[tuple, dict] | None] = [None] * len(model.blocks)
+    n_layers = len(model.blocks)
+    recorded = range(n_layers) if blocks is None else blocks
+    arguments: list[tuple[tuple, dict] | None] = [None] * n_layers
     kept: dict[str, torch.Tensor] = {}
     handles = [
-        block.register_forward_pre_hook(
+        model.blocks[j].register_forward_pre_hook(
             lambda module, args, kwargs, j=j: arguments.__setitem__(j, (args, dict(kwargs))), with_kwargs=True)
-        for j, block in enumerate(model.blocks)
+        for j in recorded
     ]
 
     def keep_state(state: torch.Tensor, hook) -> None:
         kept[hook.name] = state.detach()
 
+    def stop(state: torch.Tensor, hook) -> None:
+        raise StopAtLayerException(state)  # every block has run: what follows is not needed
+
+    hooks = [(name, keep_state) for name in keep] + [(ModelAdapter.resid_out(n_layers - 1), stop)]
+    if prefix_kv is None:
+        run = dict(use_cache=False)
+    else:
+        run = dict(past_key_values=DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix_kv]))
     try:
-        cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix_kv])
-        model.run_with_hooks(suffix, fwd_hooks=[(name, keep_state) for name in keep],
-                             past_key_values=cache, attention_mask=attention_mask)
+        model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, **run)
     finally:
         for handle in handles:
             handle.remove()
-    if any(a is None for a in arguments):
-        raise EngineUnsupported("not every block was called during the suffix forward")
-    return BlockCalls(arguments, kept, int(suffix.shape[0]))  # type: ignore[arg-type]
+    if any(arguments[j] is None for j in recorded):
+        raise EngineUnsupported("not every block was called during the forward")
+    return BlockCalls(arguments, kept, int(tokens.shape[0]))
 
 
 def call_block(model, layer: int, hidden: torch.Tensor, arguments: tuple[tuple, dict],
-               prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
-    """Run block ``layer`` on ``hidden`` with recorded ``arguments``, attending over the given prefix."""
+               prefix_keys: torch.Tensor | None = None, prefix_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Run block ``layer`` on ``hidden`` with recorded ``arguments``, attending over the given prefix
+    (None: the calls were recorded without a cache, and run as they were)."""
     from transformers.cache_utils import Cache
 
-    prefix = PrefixKV(prefix_keys, prefix_values)
     args, kwargs = arguments
+    if prefix_keys is None:
+        out = model.blocks[layer](hidden, *args[1:], **kwargs)
+    else:
+        prefix = PrefixKV(prefix_keys, prefix_values)
 
-    def swap(value):
-        return prefix if isinstance(value, (Cache, PrefixKV)) else value
+        def swap(value):
+            return prefix if isinstance(value, (Cache, PrefixKV)) else value
 
-    out = model.blocks[layer](hidden, *[swap(a) for a in args[1:]], **{k: swap(v) for k, v in kwargs.items()})
+        out = model.blocks[layer](hidden, *[swap(a) for a in args[1:]], **{k: swap(v) for k, v in kwargs.items()})
     return out[0] if isinstance(out, tuple) else out
+
+
+def replay_later_blocks(model, layer: int, calls: BlockCalls, hidden: torch.Tensor) -> torch.Tensor:
+    """The residual stream entering the final norm, from ``hidden`` after ``layer``: the later blocks
+    replayed with calls recorded without a cache (apply :func:`logits_of` for logits)."""
+    for block in range(layer + 1, len(model.blocks)):
+        hidden = call_block(model, block, hidden, calls.arguments[block])
+    return hidden
+
+
+@dataclass
+class RecordedRows:
+    """What an optimisation of one layer's MLP output needs from a single forward of its rows."""
+
+    keys: torch.Tensor  # (R, S, d_mlp) down-projection inputs, float32
+    outputs: torch.Tensor  # (R, S, d_model) down-projection outputs
+    hidden: torch.Tensor  # (R, S, d_model) residual stream after the layer, in the model's dtype
+    calls: BlockCalls  # recorded arguments of the blocks after the layer
+
+
+def record_rows(model, tokens: torch.Tensor, layer: int) -> RecordedRows:
+    """One forward of right-padded ``tokens`` recording, at ``layer``, the down-projection's input and
+    output and the residual stream after it, plus the arguments every later block received, so that an
+    optimisation of that layer's output reruns only the later blocks (:func:`replay_later_blocks`)."""
+    adapter = ModelAdapter.of(model)
+    names = adapter.mlp_key(layer), adapter.mlp_value(layer), adapter.resid_out(layer)
+    calls = capture_block_calls(model, tokens, keep=names, blocks=range(layer + 1, adapter.n_layers))
+    keys, outputs, hidden = (calls.kept[name] for name in names)
+    return RecordedRows(keys.float(), outputs, hidden, calls)
 
 
 def logits_of(model, final_hidden: torch.Tensor) -> torch.Tensor:

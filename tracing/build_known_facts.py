@@ -39,7 +39,6 @@ The script also prints how prepending BOS changes the picture (SmolLM2's BOS is 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from collections import defaultdict
@@ -48,42 +47,14 @@ from pathlib import Path
 
 import torch
 
-from tracing.facts import DATA_DIR, KNOWN_FACTS_FILE, SLOT, Fact, save_facts
+from tracing.candidates import CANDIDATES_FILE, Candidate, fill, load_candidates
+from tracing.facts import DATA_DIR, KNOWN_FACTS_FILE, Fact, save_facts
 from tracing.models import EMBEDDED_MODEL, load_model
 from tracing.tokens import encode, target_token_ids
 
-CANDIDATES_FILE = DATA_DIR / "fact_candidates.json"
 MAX_NEIGHBORS = 5
 MAX_LOCALITY = 5
 BATCH_SIZE = 32
-
-
-@dataclass(frozen=True)
-class Relation:
-    """One relation of the candidates file: its prompts (its pairs are spread over its entries)."""
-
-    relation_id: str
-    template: str
-    paraphrases: tuple[str, ...]
-    generation: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One ``(subject, answer)`` pair of a relation, before the model has been asked.
-
-    ``entry`` is the index of the candidates-file entry that lists the pair: a record only draws on
-    pairs of its relation from that entry and earlier ones.
-    """
-
-    relation: Relation
-    subject: str
-    answer: str
-    entry: int
-
-    @property
-    def prompt(self) -> str:
-        return fill(self.relation.template, self.subject)
 
 
 @dataclass(frozen=True)
@@ -94,39 +65,6 @@ class Score:
     p_answer: float
 
 
-def fill(template: str, subject: str) -> str:
-    """The template with the subject in its ``{}`` slot."""
-    return template.replace(SLOT, subject)
-
-
-def load_candidates(path: Path) -> list[Candidate]:
-    """Every pair of the candidates file, in file order (see the module docstring for the format)."""
-    relations: dict[str, Relation] = {}
-    subjects: dict[str, set[str]] = defaultdict(set)
-    candidates = []
-    for index, entry in enumerate(json.loads(path.read_text(encoding="utf-8"))):
-        relation_id = entry["relation"]
-        if relation_id not in relations:
-            templates = [entry["template"], *entry["paraphrases"], *entry["generation"]]
-            bad = [t for t in templates if t.count(SLOT) != 1]
-            if bad:
-                raise ValueError(f"{relation_id}: templates need exactly one '{{}}': {bad}")
-            relations[relation_id] = Relation(
-                relation_id=relation_id,
-                template=entry["template"],
-                paraphrases=tuple(entry["paraphrases"]),
-                generation=tuple(entry["generation"]),
-            )
-        else:
-            extra = sorted(set(entry) - {"relation", "description", "pairs"})
-            if extra:
-                raise ValueError(f"{relation_id}: an entry extending the relation only takes pairs, not {extra}")
-        for subject, answer in entry["pairs"]:
-            if subject in subjects[relation_id]:
-                raise ValueError(f"{relation_id}: subject {subject!r} is listed twice")
-            subjects[relation_id].add(subject)
-            candidates.append(Candidate(relations[relation_id], subject, answer, index))
-    return candidates
 
 
 def ambiguous_answers(candidates: list[Candidate], answer_first_token: dict[str, int]) -> set[tuple[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,11 +120,20 @@ class FactTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> "FactTrace":
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"]))
-            scores = {key[len("scores_"):]: data[key] for key in data.files if key.startswith("scores_")}
-        meta["subject_range"] = tuple(meta["subject_range"])
-        return cls(**meta, scores=scores)
+        """A trace written by :meth:`save`. A missing file raises ``FileNotFoundError``; a file that is not
+        a saved trace raises ``ValueError`` saying so."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"trace file '{path}' does not exist" if not path.exists()
+                                    else f"'{path}' is a folder, not a trace file")
+        try:
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+                scores = {key[len("scores_"):]: data[key] for key in data.files if key.startswith("scores_")}
+            meta["subject_range"] = tuple(meta["subject_range"])
+            return cls(**meta, scores=scores)
+        except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"'{path}' is not a trace saved by FactTrace.save ({type(error).__name__}: {error})") from error
 
 
 def noise_std(model, config: TraceConfig) -> float:

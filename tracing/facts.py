@@ -150,7 +150,9 @@ def _prompt_str(prompt: Any) -> str:
 def fact_from_prompt(prompt: str, subject: str, target_true: str, target_new: str | None = None) -> Fact:
     """Build a :class:`Fact` from a prompt that already contains the subject (first occurrence)."""
     subject = subject.strip()
-    start = prompt.find(subject) if subject else -1
+    if not subject:
+        raise SubjectNotFoundError("the subject is empty")
+    start = prompt.find(subject)
     if start < 0:
         raise SubjectNotFoundError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     template = prompt[:start] + SLOT + prompt[start + len(subject):]
@@ -234,38 +236,3 @@ def evaluated_prompts() -> set[str]:
     Whatever an editor trains or calibrates on must stay out of this set, or the evaluation of the
     bundled facts would measure memorisation."""
     return {prompt for fact in known_facts() for prompt in fact.prompts_read}
-
-
-def unused_fact_prompts() -> list[str]:
-    """Fact-shaped prompts about real subjects that no bundled record reads: the prompts of the candidate
-    facts SmolLM2 does not know, minus :func:`evaluated_prompts`. An editor may train against them without
-    touching any prompt an evaluation of the bundled facts reads; WISE's router does (the role EasyEdit
-    gives to NQ questions from a training split)."""
-    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
-
-    used = evaluated_prompts()
-    prompts = dict.fromkeys(c.prompt for c in load_candidates(CANDIDATES_FILE))
-    return [prompt for prompt in prompts if prompt not in used]
-
-
-def relation_templates() -> dict[str, tuple[str, ...]]:
-    """Per relation id of the bundled candidates, its prompt templates (main template and paraphrases,
-    each with one ``{}``): the ways of asking about a subject that an edit of *another* relation must
-    leave alone."""
-    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
-
-    templates: dict[str, tuple[str, ...]] = {}
-    for candidate in load_candidates(CANDIDATES_FILE):
-        relation = candidate.relation
-        templates.setdefault(relation.relation_id, (relation.template, *relation.paraphrases))
-    return templates
-
-
-def relation_subjects() -> dict[str, tuple[str, ...]]:
-    """Per relation id of the bundled candidates, the subjects it lists (known to SmolLM2 or not)."""
-    from tracing.build_known_facts import CANDIDATES_FILE, load_candidates
-
-    subjects: dict[str, list[str]] = {}
-    for candidate in load_candidates(CANDIDATES_FILE):
-        subjects.setdefault(candidate.relation.relation_id, []).append(candidate.subject)
-    return {relation: tuple(names) for relation, names in subjects.items()}

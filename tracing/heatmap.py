@@ -7,76 +7,78 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from tracing.adapter import KINDS
-from tracing.models import EMBEDDED_MODEL, ModelUnavailableError, UnknownModelError
+from tracing import cli
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEFAULT_SUBJECT = "Eiffel Tower"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="python -m tracing.heatmap",
         description="Causal tracing heatmaps (Meng et al. 2022) for one prompt.",
     )
-    parser.add_argument("model", nargs="?", default=EMBEDDED_MODEL,
-                        help=f"model name (default: the embedded {EMBEDDED_MODEL}; e.g. gpt2-xl, gpt-j, owner/name)")
-    parser.add_argument("--prompt", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--subject", default=None, help="subject inside the prompt whose tokens are corrupted")
-    parser.add_argument("--answer", default=None, help="answer to trace (default: the model's top-1 prediction)")
-    parser.add_argument("--kind", choices=[*KINDS, "all"], default="all", help="which states to restore")
-    parser.add_argument("--out", default=None, help="output image (.png/.pdf/.svg; default heatmap_<model>.png)")
-    parser.add_argument("--save-trace", default=None, help="also save the numbers as .npz")
-    parser.add_argument("--samples", type=int, default=10, help="noise samples per cell (default 10)")
-    parser.add_argument("--noise", type=float, default=None,
+    parser.add_argument("model", nargs="?", default=cli.DEFAULT_MODEL, type=cli.text,
+                        help=f"model name (default: the embedded {cli.DEFAULT_MODEL}; e.g. gpt2-xl, gpt-j, "
+                             "owner/name, or a folder written by save_pretrained)")
+    parser.add_argument("--prompt", default=None, type=cli.text, help=f"prompt (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--subject", default=None, type=cli.text,
+                        help=f"subject inside the prompt whose tokens are corrupted (default: {DEFAULT_SUBJECT!r})")
+    parser.add_argument("--answer", default=None, type=cli.text,
+                        help="answer to trace, one token (default: the model's top-1 prediction)")
+    parser.add_argument("--allow-multi-token-answer", action="store_true",
+                        help="trace the first token of an --answer that is several tokens instead of refusing it")
+    parser.add_argument("--kind", choices=[*cli.KINDS, "all"], default="all", help="which states to restore")
+    parser.add_argument("--out", default=None, type=cli.figure_file,
+                        help="output image (.png/.pdf/.svg/...; default heatmap_<model>.png)")
+    parser.add_argument("--save-trace", default=None, type=cli.npz_file, help="also save the numbers as .npz")
+    parser.add_argument("--samples", type=cli.int_at_least(1), default=10, help="noise samples per cell (default 10)")
+    parser.add_argument("--noise", type=cli.float_above(0), default=None,
                         help="absolute noise std (default: 3 x std of subject token embeddings)")
-    parser.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
-    parser.add_argument("--seed", type=int, default=1, help="noise seed")
+    parser.add_argument("--window", type=cli.int_at_least(1), default=10,
+                        help="layers restored together for mlp/attn (default 10)")
+    parser.add_argument("--seed", type=cli.int_at_least(0), default=1, help="noise seed (default 1)")
     parser.add_argument("--engine", choices=["fast", "reference"], default="fast",
                         help="reference = one forward per cell, as kmeng01/rome (slow)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, type=cli.text,
+                        help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.prompt is not None and args.subject is None:
-        print("error: --prompt needs --subject (the part of the prompt to corrupt)", file=sys.stderr)
-        return 2
-    prompt = args.prompt or DEFAULT_PROMPT
-    subject = args.subject or DEFAULT_SUBJECT
-    kinds = tuple(KINDS) if args.kind == "all" else (args.kind,)
+        cli.fail("--prompt needs --subject (the part of the prompt to corrupt)")
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    subject = DEFAULT_SUBJECT if args.subject is None else args.subject
+    cli.check_subject_in_prompt(prompt, subject)
+    out = args.out or Path(f"heatmap_{args.model.replace('/', '_')}.png")
+    if args.save_trace is not None and args.save_trace.resolve() == out.resolve():
+        cli.fail(f"--save-trace and --out are the same file '{out}'")
+    kinds = cli.KINDS if args.kind == "all" else (args.kind,)
+    cli.check_model_name(args.model)
+    cli.check_device(args.device)
 
     from tracing.causal_trace import TraceConfig, trace_prompt
-    from tracing.models import load_model
+    from tracing.models import ModelUnavailableError, UnknownModelError, load_model
     from tracing.plot import plot_trace, save_figure
-    from tracing.tokens import SubjectNotFoundError
 
-    if subject.strip() not in prompt:
-        print(f"error: subject {subject!r} does not occur in prompt {prompt!r}", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    try:
-        model = load_model(args.model, device=args.device)
-    except (UnknownModelError, ModelUnavailableError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    loaded = time.perf_counter()
     config = TraceConfig(kinds=kinds, samples=args.samples, noise=args.noise, window=args.window,
                          seed=args.seed, engine=args.engine)
-    try:
+    started = time.perf_counter()
+    with cli.user_errors(UnknownModelError, ModelUnavailableError):
+        model = load_model(args.model, device=args.device)
+    loaded = time.perf_counter()
+    if args.answer is not None:
+        cli.check_answer(model, args.answer, args.allow_multi_token_answer)
+    with cli.user_errors(ValueError):  # SubjectNotFoundError: no token covers the subject
         trace = trace_prompt(model, prompt, subject, answer=args.answer, config=config)
-    except (SubjectNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     traced = time.perf_counter()
 
-    out = Path(args.out or f"heatmap_{args.model.replace('/', '_')}.png")
     save_figure(plot_trace(trace), out)
     if args.save_trace:
         trace.save(args.save_trace)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 if __name__ == "__main__":  # answer --help and refuse bad arguments before the slow imports below (torch)
     from tracing.cli import locate_parser
@@ -25,8 +24,8 @@ if __name__ == "__main__":  # answer --help and refuse bad arguments before the 
 from tracing.average import (AverageEffect, CriticalLayers, average_indirect_effect,
                              choose_critical_layers, trace_facts)
 from tracing.causal_trace import FactTrace, TraceConfig
-from tracing.facts import Fact, known_facts, load_facts, spread
-from tracing.layer_set import LayerSet, critical_layers_for, packaged_path, save_critical_layers  # noqa: F401
+from tracing.facts import Fact, spread
+from tracing.layer_set import LayerSet, packaged_path, save_critical_layers
 from tracing.models import ModelUnavailableError, UnknownModelError, model_spec
 
 
@@ -70,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)
     n_layers = ModelAdapter.of(model).n_layers
-    if args.size > n_layers:
+    if args.size is not None and args.size > n_layers:
         cli.fail(f"argument --size: {args.size} critical layers asked for, but {args.model} has {n_layers} layers")
+    size = args.size or min(5, n_layers)
     with cli.user_errors(ValueError):  # e.g. the model gets none of the facts right
-        result = locate(model, spread(facts, args.facts), config, args.size, args.method, not args.include_wrong)
+        result = locate(model, spread(facts, args.facts), config, size, args.method, not args.include_wrong)
 
     name = model_spec(model).name
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")

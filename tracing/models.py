@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -101,15 +99,46 @@ def resolve_model_name(name: str) -> ModelSpec:
     for spec in MODELS.values():
         if spec.hub_id is not None and spec.hub_id.lower() == key.lower():
             return spec
-    if "/" in key and not key.startswith(("/", ".")) and not Path(key).exists():
+    if not key:
+        raise UnknownModelError("the model name is empty")
+    path = Path(key).expanduser()
+    if path.exists() or _looks_like_path(key):
+        problem = local_model_problem(path)
+        if problem:
+            raise UnknownModelError(problem)
+        return ModelSpec(key, "local", str(path), prepend_bos=_guess_bos(key))
+    if "/" in key:
         return ModelSpec(key, "hub", key, prepend_bos=_guess_bos(key))
-    if Path(key).is_dir():
-        return ModelSpec(key, "local", key, prepend_bos=_guess_bos(key))
     known = ", ".join(sorted(n for n in MODELS if n not in ("gpt-j-6b", "gptj")))
     raise UnknownModelError(
         f"Unknown model name {name!r}. Known names: {known}. "
         "Any Hugging Face id of the form 'owner/name', or a local folder, works too."
     )
+
+
+def _looks_like_path(key: str) -> bool:
+    """A name that can only be meant as a folder: absolute, relative to . or ~, or with more than one
+    '/' (a Hugging Face id is exactly 'owner/name')."""
+    return key.startswith(("/", ".", "~")) or key.endswith("/") or key.count("/") > 1 or "\\" in key
+
+
+def local_model_problem(path: Path) -> str | None:
+    """Why ``path`` is not a Hugging Face model folder (missing, a file, no config.json), or None."""
+    if not path.exists():
+        return f"model folder '{path}' does not exist"
+    if not path.is_dir():
+        return f"'{path}' is a file, not a model folder (a Hugging Face model folder holds config.json)"
+    if not (path / "config.json").is_file():
+        return (f"'{path}' is a folder but not a model: it has no config.json (a Hugging Face model folder "
+                "holds config.json, the weights and the tokenizer files, as save_pretrained writes them)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        return f"model folder '{path}' has config.json but no weights (*.safetensors or *.bin)"
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return f"model folder '{path}' has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+    return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _guess_bos(hub_id: str) -> bool:
@@ -150,6 +179,8 @@ def load_model(
         hf_model, tokenizer = _load_embedded(dtype)
     elif spec.source == "tiny":
         hf_model, tokenizer = _build_tiny(spec.name, seed, dtype)
+    elif spec.source == "local":
+        hf_model, tokenizer = _load_local(spec, dtype)
     else:
         hf_model, tokenizer = _load_pretrained(spec, dtype)
     return wrap_hf_model(hf_model, tokenizer, spec, device=device)
@@ -213,22 +244,40 @@ def _load_embedded(dtype: torch.dtype):
 
 
 def load_embedded_tokenizer():
-    """The SmolLM2 tokenizer alone (used by the tiny test models too), from the export when present."""
+    """The SmolLM2 tokenizer alone (used by the tiny test models too), from the export when present.
+
+    Reading it from the GGUF takes seconds, so the first read also saves a tokenizer-only copy in the
+    cache (a fraction of a second to load)."""
     from transformers import AutoTokenizer
 
-    export = embedded_export_dir()
-    if (export / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(export)
+    tokenizer_only = cache_dir() / "tokenizers" / _EMBEDDED_EXPORT
+    for folder in (embedded_export_dir(), tokenizer_only):
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
     gguf = embedded_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        _save_export(tokenizer_only, tokenizer.save_pretrained, "tokenizer_config.json")
+    except OSError:
+        pass  # a read-only cache: the next read takes seconds again, nothing worse
+    return tokenizer
+
+
+def _save_export(folder: Path, save, marker: str) -> None:
+    """``save(tmp)`` into a temporary folder renamed to ``folder`` (see :func:`tracing.io.atomic_dir`):
+    an interrupted export never leaves a half-written folder that a later load would trust."""
+    from tracing.io import atomic_dir
+
+    try:
+        with atomic_dir(folder) as tmp:
+            save(tmp)
+    except OSError:
+        if not (folder / marker).is_file():  # another process exported it meanwhile: use theirs
+            raise
 
 
 def _export_embedded(export: Path) -> None:
-    """Dequantise the GGUF once and save model + tokenizer as safetensors, atomically.
-
-    We write into a temporary sibling folder and rename it into place, so an interrupted export never
-    leaves a half-written folder that a later load would trust.
-    """
+    """Dequantise the GGUF once and save model + tokenizer as safetensors, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
@@ -238,22 +287,29 @@ def _export_embedded(export: Path) -> None:
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
-    export.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{export.name}-", dir=export.parent))
-    try:
+
+    def save(tmp: Path) -> None:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, export)
-        except OSError:
-            if not (export / "model.safetensors").is_file():  # lost a race against nobody: re-raise
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    _save_export(export, save, "model.safetensors")
 
 
-# --- hub models -----------------------------------------------------------------------------------
+# --- local folders and hub models -------------------------------------------------------------------
+
+
+def _load_local(spec: ModelSpec, dtype: torch.dtype):
+    """A folder written by ``save_pretrained`` (checked by :func:`resolve_model_name` to hold a config)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.hub_id, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:  # transformers' errors for a broken or foreign folder
+        cause = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        raise ModelUnavailableError(f"could not load the model folder '{spec.hub_id}': {cause}") from error
+    return hf_model, tokenizer
+
 
 
 def _load_pretrained(spec: ModelSpec, dtype: torch.dtype):

@@ -6,11 +6,13 @@
   after a space, is glued to punctuation ("Tower's"), or sits after a BOS token is located the same way
   for every tokenizer.
 * :func:`target_token_ids` tokenises an answer with one leading space, as ROME/MEMIT do.
+* :func:`right_padded` batches rows of ids by padding at the end (exact under causal attention).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -110,3 +112,16 @@ def target_token_ids(model, target: str) -> list[int]:
 def token_strings(model, ids) -> list[str]:
     """Readable per-token strings for plots (each token decoded on its own)."""
     return [model.tokenizer.decode([int(i)]) for i in ids]
+
+
+def right_padded(model, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """A (len(rows), max length) tensor, padded at the end.
+
+    With causal attention a real token never attends to padding that comes after it, so every real
+    position computes exactly what it would alone; no attention mask is needed.
+    """
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)

@@ -1,0 +1,278 @@
+"""Subject memory: lifelong editing as retrieval at the place tracing points to.
+
+Causal tracing says a fact is read from the subject's last token after the early MLP layers; MEMIT writes
+a shift δ of the residual stream there (after the last critical layer) into the weights. This editor keeps
+each edit's δ *beside* the model instead, in a codebook keyed by the same residual state:
+
+* **key**: the residual stream after ``layer`` at the subject's last token, centred on the mean state of
+  generic fact prompts and normalised, averaged over MEMIT's context templates (so it names the subject,
+  not the sentence around it);
+* **value**: MEMIT's target shift δ = z - h (``compute_z``: new target over context prefixes, KL on
+  "{subject} is a", weight decay, norm clamp), computed on the model with the earlier edits in place;
+* **retrieval**: at every position, each key's cosine similarity to the centred state; every entry at or
+  above its threshold adds its δ (two edits of one subject in different relations add up, as in MEMIT).
+  A key's threshold is ``similarity`` or, if higher, ``margin`` above the best match among the positions
+  of held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
+
+The weights never change; ``undo`` removes the hook. Earlier edits are never revisited, so they cannot be
+overwritten (the failure of sequential MEMIT and of one shared side memory). The hook reads one position
+at a time, so the fast tracing engine stays exact while it is attached. Design and measurements:
+docs/subject_memory.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from editing.contexts import context_templates
+from editing.editor import Editor, Route, as_facts
+from editing.memit import MemitConfig
+from editing.prompts import in_context, subject_row
+from editing.requests import validate_requests
+from editing.targets import TargetConfig, compute_targets
+from editing.weights import weight_fingerprint
+from tracing.activations import activations_at
+from tracing.adapter import ModelAdapter
+from tracing.candidates import unused_fact_prompts
+from tracing.facts import Fact
+from tracing.io import load_tensors, save_tensors_atomic
+from tracing.layer_set import critical_layers_for
+from tracing.tokens import encode
+
+FILE_KEY = "factlens_subject_memory"
+
+
+@dataclass(frozen=True)
+class SubjectMemoryConfig:
+    """``layer`` None: the last layer of the model's critical MLP band (MEMIT's z layer). The defaults of
+    ``similarity`` and ``margin`` were measured on SmolLM2 (docs/subject_memory.md)."""
+
+    layer: int | None = None
+    similarity: float = 0.85  # lowest centred cosine similarity at which a key answers
+    margin: float = 0.02  # a key's threshold sits this far above its best held-out match
+    calibration: int = 256  # held-out fact prompts whose positions set the thresholds
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
+    context_length: int = MemitConfig.context_length
+    seed: int = 0
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.similarity <= 1.0:
+            raise ValueError(f"similarity must be in (0, 1], got {self.similarity}")
+        if self.margin < 0 or self.calibration < 0:
+            raise ValueError("margin and calibration must be >= 0")
+
+    def resolved_layer(self, model) -> int:
+        if self.layer is not None:
+            n_layers = ModelAdapter.of(model).n_layers
+            if not 0 <= self.layer < n_layers:
+                raise ValueError(f"layer {self.layer} out of range for a {n_layers}-layer model")
+            return self.layer
+        chosen = critical_layers_for(model)
+        if chosen is None:
+            raise ValueError("no critical layers known for this model: pass SubjectMemoryConfig(layer=...)")
+        return chosen.layers[-1]
+
+
+@dataclass(frozen=True)
+class SubjectMemoryResult:
+    """One edit call: the entries it added, their thresholds, and the similarity of each key to its own
+    edit prompt's subject token (how clearly the prompt will retrieve it)."""
+
+    entries: list[int]
+    thresholds: list[float]
+    own_similarity: list[float]
+
+
+class SubjectMemoryEditor(Editor):
+    """A subject-keyed codebook of residual shifts; see the module docstring."""
+
+    method = "subject-memory"
+    routes = True
+
+    def __init__(self, config: SubjectMemoryConfig = SubjectMemoryConfig()) -> None:
+        self.config = config
+        self.model = None
+        self.layer: int | None = None
+        self.base_fingerprint: str | None = None
+        self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
+        self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
+        self.deltas: torch.Tensor | None = None  # (N, d_model)
+        self.thresholds: list[float] = []
+        self.subjects: list[str] = []
+        self.edited: list[Fact] = []
+        self._calibration: tuple[torch.Tensor, list[str]] | None = None  # unit centred states, their prompts
+        self._handles: list = []
+        self._active = True
+
+    # --- attach / detach ------------------------------------------------------------------------------
+    def attach(self, model) -> "SubjectMemoryEditor":
+        from tracing.hooks import add_permanent_hooks
+
+        if self.model is not None:
+            raise RuntimeError("this editor is already attached; detach it first")
+        layer = self.config.resolved_layer(model)
+        if self.layer is not None and layer != self.layer:
+            raise ValueError(f"this memory belongs to layer {self.layer}, the config says {layer}")
+        fingerprint = weight_fingerprint(ModelAdapter.down_projection(model, layer))
+        if self.base_fingerprint is not None and fingerprint != self.base_fingerprint:
+            raise ValueError(f"the layer-{layer} weights differ from the ones this memory was made for")
+        self.layer, self.base_fingerprint, self.model = layer, fingerprint, model
+        self._calibrate(model)
+        self._handles = add_permanent_hooks(model, [(ModelAdapter.resid_out(layer), self._answer)])
+        return self
+
+    def detach(self) -> None:
+        from tracing.hooks import remove_hooks
+
+        remove_hooks(self._handles)
+        self._handles, self.model = [], None
+
+    def undo(self) -> None:
+        """The unedited model again (the hook is removed; the codebook stays in this object)."""
+        if self.model is not None:
+            self.detach()
+
+    @property
+    def facts(self) -> list[Fact]:
+        return list(self.edited)
+
+    @torch.no_grad()
+    def _calibrate(self, model) -> None:
+        """States of held-out fact prompts at every position: the centre, and what thresholds must beat."""
+        prompts = unused_fact_prompts()
+        random.Random(self.config.seed).shuffle(prompts)
+        prompts = prompts[: self.config.calibration] or ["The"]
+        rows = [encode(model, p) for p in prompts]
+        self._active = False
+        try:
+            states = activations_at(model, rows, ModelAdapter.resid_out(self.layer), self.layer + 1, batch_size=64)
+        finally:
+            self._active = True
+        flat = torch.cat([states[i, : len(r)] for i, r in enumerate(rows)])
+        owners = [prompts[i] for i, r in enumerate(rows) for _ in r]
+        if self.centre is None:
+            self.centre = flat.mean(0)
+        self._calibration = (self._unit(flat), owners)
+
+    def _unit(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(states.float() - self.centre.to(states.device), dim=-1)
+
+    # --- the hook -------------------------------------------------------------------------------------
+    def _answer(self, value: torch.Tensor, hook) -> torch.Tensor | None:
+        if not self._active or self.keys is None:
+            return None
+        hits = self._hits(value)
+        return value + (hits.to(value.dtype) @ self.deltas.to(value.device, value.dtype))
+
+    def _hits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., N) whether each entry answers at each position."""
+        similarity = self._unit(states) @ self.keys.to(states.device).T
+        return similarity >= torch.tensor(self.thresholds, device=states.device)
+
+    @torch.no_grad()
+    def route(self, prompts: Sequence[str]) -> list[Route]:
+        """The entry with the most positions answering in each prompt (None: no entry answers)."""
+        if self.model is None:
+            raise RuntimeError("attach the editor to a model first")
+        if self.keys is None:
+            return [Route(p, None) for p in prompts]
+        rows = [encode(self.model, p) for p in prompts]
+        states = self._states(rows)
+        routes = []
+        for prompt, row, state in zip(prompts, rows, states):
+            counts = self._hits(state[: len(row)]).sum(0)
+            routes.append(Route(prompt, int(counts.argmax()) if int(counts.max()) > 0 else None))
+        return routes
+
+    def _states(self, rows: Sequence[Sequence[int]], positions: Sequence[int] | None = None) -> torch.Tensor:
+        """The residual after ``layer`` as the unedited model computes it (the memory switched off)."""
+        self._active = False
+        try:
+            return activations_at(self.model, rows, ModelAdapter.resid_out(self.layer), self.layer + 1,
+                                  positions=positions, batch_size=64)
+        finally:
+            self._active = True
+
+    # --- editing --------------------------------------------------------------------------------------
+    def edit(self, facts: Fact | Sequence[Fact]) -> SubjectMemoryResult:
+        """Add one entry per fact: its key, threshold and δ. Every request is checked first."""
+        if self.model is None:
+            raise RuntimeError("attach the editor to a model first")
+        model, config = self.model, self.config
+        requests = validate_requests(model, as_facts(facts))
+        templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
+        keys = self._keys(requests, templates)
+        # z on the model as it is now: earlier entries of the same subject are in place
+        zs = compute_targets(model, requests, self.layer, templates, config.targets, config.show_progress)
+        current = self._current_outputs(requests)
+        deltas = (zs - current).float().cpu()
+        thresholds = [self._threshold(key, fact.subject) for key, fact in zip(keys, requests)]
+        start = 0 if self.keys is None else len(self.keys)
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
+        self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas])
+        self.thresholds += thresholds
+        self.subjects += [fact.subject for fact in requests]
+        self.edited += requests
+        own = self._unit(self._states([subject_row(model, f.template, f.subject).ids for f in requests],
+                                      [subject_row(model, f.template, f.subject).lookup for f in requests]))
+        return SubjectMemoryResult(list(range(start, start + len(requests))), thresholds,
+                                   [float(s) for s in (own * keys).sum(-1)])
+
+    @torch.no_grad()
+    def _current_outputs(self, requests: Sequence[Fact]) -> torch.Tensor:
+        """The residual after ``layer`` at each bare prompt's subject token, earlier entries included."""
+        rows = [subject_row(self.model, fact.template, fact.subject) for fact in requests]
+        return activations_at(self.model, [r.ids for r in rows], ModelAdapter.resid_out(self.layer),
+                              self.layer + 1, positions=[r.lookup for r in rows], batch_size=64).cpu()
+
+    def _keys(self, requests: Sequence[Fact], templates: list[list[str]]) -> torch.Tensor:
+        """(n, d_model) unit keys: the centred subject-token states over every context, averaged. A row whose
+        subject starts the text is left out (position 0 is the attention sink, alike for every text)."""
+        contexts = [context for group in templates for context in group]
+        keys = []
+        for fact in requests:
+            rows = [subject_row(self.model, in_context(c, fact.template), fact.subject) for c in contexts]
+            rows = [r for r in rows if r.lookup > 0] or rows
+            states = self._unit(self._states([r.ids for r in rows], [r.lookup for r in rows]))
+            keys.append(torch.nn.functional.normalize(states.mean(0), dim=-1))
+        return torch.stack(keys).cpu()
+
+    def _threshold(self, key: torch.Tensor, subject: str) -> float:
+        states, owners = self._calibration
+        keep = torch.tensor([subject not in prompt for prompt in owners])
+        best = float((states[keep] @ key).max()) if bool(keep.any()) else -1.0
+        return max(self.config.similarity, best + self.config.margin)
+
+    # --- persistence ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """The codebook, its centre and the facts, atomically, fingerprinted by the layer's weights."""
+        if self.keys is None:
+            raise RuntimeError("nothing to save: the memory is empty")
+        tensors = {"keys": self.keys.contiguous(), "deltas": self.deltas.contiguous(),
+                   "centre": self.centre.detach().cpu().contiguous()}
+        meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "thresholds": self.thresholds,
+                "subjects": self.subjects, "base_fingerprint": self.base_fingerprint,
+                "facts": [fact.to_counterfact() for fact in self.edited]}
+        return save_tensors_atomic(path, tensors, FILE_KEY, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "SubjectMemoryEditor":
+        """The saved memory; attached to ``model`` when given (refused if the layer's weights differ)."""
+        tensors, meta = load_tensors(path, FILE_KEY)
+        settings = dict(meta["config"])
+        settings["targets"] = TargetConfig(**settings["targets"])
+        settings["context_prefixes"] = tuple(settings["context_prefixes"])
+        editor = cls(SubjectMemoryConfig(**settings))
+        editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
+        editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
+        editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
+        editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]
+        return editor.attach(model) if model is not None else editor
