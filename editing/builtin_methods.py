@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from editing.alphaedit import AlphaEditConfig, AlphaEditor
 from editing.editor import Method, register
 from editing.grace import GraceConfig, GraceEditor
 from editing.memit import MemitConfig, apply_memit
@@ -35,3 +36,8 @@ register(Method(
     create=lambda model, config: SubjectMemoryEditor(config).attach(model),
     load=lambda path, model: SubjectMemoryEditor.load(path, model),
     lifelong=True, summary="Subject memory: MEMIT's target shifts in a codebook keyed at the subject (weights unchanged)"))
+register(Method(
+    "alphaedit", AlphaEditConfig,
+    create=lambda model, config: AlphaEditor(model, config),
+    load=lambda path, model: AlphaEditor.load(path, model),
+    lifelong=True, summary="AlphaEdit: MEMIT projected onto the null space of preserved and earlier keys (weights change)"))

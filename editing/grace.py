@@ -178,7 +178,7 @@ class GraceEditor(Editor):
         checked before the first changes anything."""
         if self.model is None:
             raise RuntimeError("attach the editor to a model first")
-        requests = validate_requests(self.model, as_facts(facts))
+        requests = validate_requests(self.model, as_facts(facts), earlier=self.edited)
         results = [self._edit_one(fact) for fact in requests]
         return results[0] if isinstance(facts, Fact) else results
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 if __name__ == "__main__":  # answer --help and refuse bad arguments before the slow imports below (torch)
     from editing.cli import memit_parser
@@ -148,11 +148,17 @@ def memit_update(keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor, 
     return residuals.T @ adjusted.T
 
 
-def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig()) -> WeightEdit:
+# (layer, keys (n, d_mlp), residuals (n, d_model), C0 (d_mlp, d_mlp)) -> ΔW (d_model, d_mlp)
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig(), *,
+                solver: LayerSolver | None = None, method: str = "memit") -> WeightEdit:
     """Edit ``model`` in place so each request's prompt continues with its ``target_new``.
 
     Returns the applied :class:`~editing.weights.WeightEdit`; ``edit.undo(model)`` restores the weights
-    bit for bit. Invalid requests raise before any weight changes.
+    bit for bit. Invalid requests raise before any weight changes. ``solver`` replaces MEMIT's closed form
+    per layer (AlphaEdit's null-space projected update uses the same targets, keys and residuals).
     """
     requests = validate_requests(model, requests)
     layer_set = config.resolved_layer_set(model)
@@ -172,7 +178,10 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             current = current_outputs(model, requests, z_layer)
             # what is still missing at the z layer, spread evenly over this and the remaining layers
             residuals = (zs.double() - current.double()) / (len(layers) - i)
-            delta = memit_update(keys, residuals, mom2[layer], mom2_weight).float()
+            if solver is None:
+                delta = memit_update(keys, residuals, mom2[layer], mom2_weight).float()
+            else:
+                delta = solver(layer, keys, residuals, mom2[layer]).float()
             deltas[layer] = delta.cpu()
             weight = adapter.down_projection(model, layer)
             with torch.no_grad():  # later layers are computed on the partly edited model
@@ -182,7 +191,7 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             for layer, original in originals.items():
                 adapter.down_projection(model, layer).copy_(original)
     # the weights are the originals again: the edit is fingerprinted against them and applied as a whole
-    edit = edit_for(model, "memit", deltas, list(requests), _config_record(config, layer_set, mom2_weight))
+    edit = edit_for(model, method, deltas, list(requests), _config_record(config, layer_set, mom2_weight))
     return edit.apply(model)
 
 

@@ -29,6 +29,4 @@ class RomeConfig(MemitConfig):
 
 def apply_rome(model, requests: Sequence[Fact], config: RomeConfig = RomeConfig()) -> WeightEdit:
     """Edit ``model`` in place at one layer; returns the applied, undoable :class:`WeightEdit`."""
-    edit = apply_memit(model, requests, config)
-    edit.method = "rome"
-    return edit
+    return apply_memit(model, requests, config, method="rome")

@@ -207,7 +207,7 @@ class SubjectMemoryEditor(Editor):
         if self.model is None:
             raise RuntimeError("attach the editor to a model first")
         model, config = self.model, self.config
-        requests = validate_requests(model, as_facts(facts))
+        requests = validate_requests(model, as_facts(facts), earlier=self.edited)
         templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         keys = self._keys(requests, templates)
         # z on the model as it is now: earlier entries of the same subject are in place

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from editing.editor import Editor, as_facts
+from editing.requests import validate_requests
 from editing.weights import WeightEdit, load_edit_sequence, save_edit_sequence
 from tracing.facts import Fact
 
@@ -25,7 +26,8 @@ class WeightEditor(Editor):
         self.edits: list[WeightEdit] = []
 
     def edit(self, facts: Fact | Sequence[Fact]) -> WeightEdit:
-        edit = self._compute(self.model, as_facts(facts), self.config)
+        requests = validate_requests(self.model, as_facts(facts), earlier=self.facts)
+        edit = self._compute(self.model, requests, self.config)
         self.edits.append(edit)
         return edit
 
@@ -45,14 +47,17 @@ class WeightEditor(Editor):
     def load(cls, method: str, path: str | Path, model, config, compute: EditFunction) -> "WeightEditor":
         """An editor on ``model`` with the saved edits applied in order (each checks its fingerprints)."""
         editor = cls(method, model, config, compute)
-        edits = load_edit_sequence(path)
-        wrong = sorted({edit.method for edit in edits} - {method})
+        editor._apply_saved(load_edit_sequence(path), path)
+        return editor
+
+    def _apply_saved(self, edits: list[WeightEdit], path) -> None:
+        """Apply saved edits of this method in order; on any refusal, none stays applied."""
+        wrong = sorted({edit.method for edit in edits} - {self.method})
         if wrong:
-            raise ValueError(f"{path} holds {', '.join(wrong)} edits, not {method}")
+            raise ValueError(f"{path} holds {', '.join(wrong)} edits, not {self.method}")
         try:
             for edit in edits:
-                editor.edits.append(edit.apply(model))
+                self.edits.append(edit.apply(self.model))
         except Exception:
-            editor.undo()  # nothing half-loaded stays on the model
+            self.undo()  # nothing half-loaded stays on the model
             raise
-        return editor

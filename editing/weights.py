@@ -134,11 +134,13 @@ class WeightEdit:
         )
 
 
-def save_edit_sequence(path: str | Path, edits: list[WeightEdit]) -> Path:
+def save_edit_sequence(path: str | Path, edits: list[WeightEdit], state: dict[str, torch.Tensor] | None = None) -> Path:
     """Several edits applied one after the other, in one file (each keeps its own fingerprints, taken on
-    the weights its predecessors left), atomically."""
+    the weights its predecessors left), atomically; ``state``: an editor's own tensors, saved beside them
+    (:func:`load_edit_state` reads them back)."""
     tensors = {f"edit.{i}.delta.{layer}": delta.detach().to("cpu", torch.float32).contiguous()
                for i, edit in enumerate(edits) for layer, delta in edit.deltas.items()}
+    tensors |= {f"state.{name}": tensor.detach().cpu().contiguous() for name, tensor in (state or {}).items()}
     return save_tensors_atomic(path, tensors, "factlens", {"sequence": [edit._meta() for edit in edits]})
 
 
@@ -149,6 +151,8 @@ def load_edit_sequence(path: str | Path) -> list[WeightEdit]:
         return [WeightEdit.load(path)]
     deltas: list[dict[int, torch.Tensor]] = [{} for _ in meta["sequence"]]
     for key, tensor in tensors.items():
+        if not key.startswith("edit."):
+            continue
         _, index, _, layer = key.split(".")
         deltas[int(index)][int(layer)] = tensor
     return [WeightEdit._from(record, layers) for record, layers in zip(meta["sequence"], deltas)]
@@ -164,3 +168,9 @@ def edit_for(model, method: str, deltas: dict[int, torch.Tensor], requests: list
     """A :class:`WeightEdit` for ``model`` as it is now (fingerprints taken from its current weights)."""
     return WeightEdit(method=method, model_name=model_spec(model).name, deltas=deltas, requests=requests,
                       config=config, base_fingerprints=fingerprints(model, deltas))
+
+
+def load_edit_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state`` tensors :func:`save_edit_sequence` stored beside the edits."""
+    tensors, _ = load_tensors(path, "factlens")
+    return {key[len("state."):]: tensor for key, tensor in tensors.items() if key.startswith("state.")}

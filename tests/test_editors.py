@@ -8,6 +8,7 @@ import hashlib
 import pytest
 import torch
 
+from editing.alphaedit import AlphaEditConfig
 from editing.covariance import CorpusConfig
 from editing.editor import Editor, create_editor, load_editor, method, methods
 from editing.grace import GraceConfig
@@ -28,6 +29,8 @@ CONFIGS = {
                        gamma=20.0, corrupted_samples=4, subject_negatives=0, relation_negatives=0,
                        subject_prefix=False, negatives=16, calibration=16),
     "grace": GraceConfig(n_iter=30, edit_lr=0.5),
+    # the tiny model's C0 has no eigenvalue below the papers' 2e-2: a threshold that leaves a null space
+    "alphaedit": AlphaEditConfig(layers=(1, 2), corpus=CORPUS, show_progress=False, nullspace_threshold=3.0, l2=0.1),
     # a random model has no subject identity across contexts: key on the bare prompt alone
     "subject-memory": SubjectMemoryConfig(layer=2, calibration=32, context_prefixes=()),
 }
@@ -160,3 +163,54 @@ def test_the_notebook_import_surface_resolves_every_name():
             package.no_such_name  # noqa: B018
     assert tracing.trace_prompt.__module__ == "tracing.causal_trace"
     assert editing.create_editor is create_editor
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_stream_refuses_bad_calls_naming_the_fact_and_goes_on(tiny_llama, name):
+    """An empty target and a fact edited earlier in the stream with another target: each call is refused
+    before anything changes, and the next good call works. (A fact whose subject is not in its prompt cannot
+    be made: Fact and fact_from_prompt refuse it, see test_bad_inputs.)"""
+    editor = create_editor(name, tiny_llama, CONFIGS[name])
+    try:
+        editor.edit(FACTS[0])
+        state = last_logits(tiny_llama, [f.prompt for f in FACTS] + OTHER)
+        bad_calls = {
+            "request 1 \\('Colosseum'\\): empty target_new": Fact("Colosseum", "The {} is located in the city of", "Rome", " "),
+            "request 1 \\('Eiffel Tower'\\): already edited to 'Rome' earlier in this stream": dataclasses.replace(FACTS[0], target_new="Lyon"),
+        }
+        for needle, bad in bad_calls.items():
+            with pytest.raises(ValueError, match=needle):
+                editor.edit([FACTS[1], bad])
+            assert editor.facts == [FACTS[0]]
+            assert torch.equal(last_logits(tiny_llama, [f.prompt for f in FACTS] + OTHER), state)
+        editor.edit(FACTS[1])  # the stream goes on
+        assert editor.facts == FACTS
+    finally:
+        editor.undo()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CONFIGS if method(n).lifelong))
+def test_a_long_stream_keeps_weights_and_logits_finite(tiny_llama, name):
+    """40 sequential edits (calls of 4) of every lifelong method: nothing NaN or inf anywhere."""
+    facts = [Fact(f"Person {i}", "{} was born in the city of", "Paris", f"Town{i % 7}") for i in range(40)]
+    config = CONFIGS[name]
+    if name == "wise":
+        config = dataclasses.replace(config, n_iter=3, save_freq=8, merge_freq=16)
+    elif name == "grace":
+        config = dataclasses.replace(config, n_iter=3)
+    else:
+        config = dataclasses.replace(config, targets=dataclasses.replace(config.targets, steps=3))
+    editor = create_editor(name, tiny_llama, config)
+    try:
+        for start in range(0, len(facts), 4):
+            editor.edit(facts[start: start + 4])
+        logits = last_logits(tiny_llama, [f.prompt for f in facts] + OTHER)
+        assert torch.isfinite(logits).all()
+        assert all(torch.isfinite(t).all() for t in tiny_llama.state_dict().values())
+        stored = [getattr(editor, a) for a in ("deltas", "values", "keys") if isinstance(getattr(editor, a, None), torch.Tensor)]
+        stored += [m.delta for m in getattr(editor, "memories", [])]
+        stored += [d for edit in getattr(editor, "edits", []) for d in edit.deltas.values()]
+        assert stored and all(torch.isfinite(t).all() for t in stored)
+        assert len(editor.facts) == 40
+    finally:
+        editor.undo()

@@ -150,3 +150,25 @@ def test_ten_known_facts_on_the_embedded_model(embedded):
     assert after.ES >= 0.9
     assert after.NS >= before.NS - 0.1
     assert after.PS > before.PS
+
+
+def test_alphaedit_writes_new_keys_and_leaves_the_preserved_and_earlier_keys_alone():
+    from editing.alphaedit import alphaedit_update, null_space_projector
+
+    torch.manual_seed(0)
+    d_mlp, d_model, n = 32, 8, 3
+    basis = torch.linalg.qr(torch.randn(d_mlp, d_mlp))[0]
+    preserved = basis[:, :20]  # what the layer normally sees spans 20 directions
+    c0 = preserved @ torch.diag(torch.linspace(0.5, 2.0, 20)) @ preserved.T
+    projector = null_space_projector(c0, threshold=2e-2)
+    assert torch.linalg.matrix_rank(projector) == d_mlp - 20
+    earlier = basis[:, 20:22].T.double() * 3  # keys of an earlier call, outside C0's span
+    new_keys = (basis[:, 22:] @ torch.randn(d_mlp - 22, n)).T * 3 + (preserved @ torch.randn(20, n)).T
+    residuals = torch.randn(n, d_model)
+    delta = alphaedit_update(new_keys, residuals, projector, earlier.T @ earlier, l2=1e-3)
+    assert (delta @ preserved.double()).abs().max() < 1e-8  # preserved keys: no change at all
+    assert (delta @ earlier.T).norm() < 1e-3 * delta.norm()  # earlier edits: left alone
+    written = new_keys.double() @ delta.T  # the part of the new keys outside both is written
+    assert torch.nn.functional.cosine_similarity(written, residuals.double(), dim=1).min() > 0.5
+    unprojected = alphaedit_update(new_keys, residuals, projector, torch.zeros(d_mlp, d_mlp), l2=1e-3)
+    assert (unprojected @ earlier.T).norm() > 100 * (delta @ earlier.T).norm()  # C_prev is what protects them

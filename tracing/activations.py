@@ -41,4 +41,9 @@ def activations_at(model, rows: Sequence[Sequence[int]], hook_name: str, stop_at
         model.run_with_hooks(right_padded(model, batch), fwd_hooks=[*hooks, (hook_name, keep)],
                              stop_at_layer=stop_at_layer)
         collected.append(captured["value"])
-    return collected[0] if len(collected) == 1 else torch.cat(collected)
+    if len(collected) == 1:
+        return collected[0]
+    if positions is None:  # each batch was padded to its own longest row: pad all to the longest
+        width = max(len(row) for row in rows)
+        collected = [torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c in collected]
+    return torch.cat(collected)

@@ -287,7 +287,7 @@ class WiseEditor(Editor):
     def edit(self, facts: Fact | Sequence[Fact], show_progress: bool = False) -> EditResult:
         """Write one fact (or a small batch, edited together) into the current side memory."""
         model = self._attached()
-        facts = validate_requests(model, as_facts(facts))
+        facts = validate_requests(model, as_facts(facts), earlier=self.requests)
         start = time.perf_counter()
         self._routing_on = False  # rows are recorded with the main memory; training adds Δ itself
         try:
