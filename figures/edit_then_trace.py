@@ -26,10 +26,11 @@ def pick_facts(subject: str):
     return fact, neighbour
 
 
-def apply_edit(model, method: str, fact, layers: tuple[int, ...] | None = None):
+def apply_edit(model, method: str, fact, layers: tuple[int, ...] | None = None, corpus_samples: int | None = None):
     """Edit ``fact`` with the registered ``method``; returns the editor (``editor.undo()`` takes it back).
     ``layers``: the layers a weight editor writes, or a memory editor's layer (the first); None takes the
-    method's defaults (tracing's critical layers, WISE's late layer)."""
+    method's defaults (tracing's critical layers, WISE's late layer). ``corpus_samples``: C0's sample count
+    for methods that use key statistics (None: their default)."""
     from editing.editor import create_editor, method as registered
 
     config = registered(method).config_class()
@@ -40,6 +41,8 @@ def apply_edit(model, method: str, fact, layers: tuple[int, ...] | None = None):
         config = dataclasses.replace(config, layers=layers)
     elif layers and "layer" in names:
         config = dataclasses.replace(config, layer=layers[0])
+    if corpus_samples and "corpus" in names:
+        config = dataclasses.replace(config, corpus=dataclasses.replace(config.corpus, samples=corpus_samples))
     editor = create_editor(method, model, config)
     editor.edit([fact])
     return editor
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=cli.DEFAULT_MODEL, type=cli.text, help="model name or folder")
     parser.add_argument("--layers", default=None, type=cli.layer_list,
                         help="comma-separated layers to edit (default: as the method)")
+    parser.add_argument("--corpus-samples", default=None, type=cli.int_at_least(1),
+                        help="texts C0 is measured on, for methods with key statistics (default: the method's, 1000)")
     args = parser.parse_args(argv)
     layers = args.layers
     from editing.editor import method as registered
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(f"argument --layers: {args.model} has layers 0 to {n_layers - 1}, got {list(layers)}")
     config = TraceConfig(kinds=args.kinds, show_progress=False)
     before = [trace_fact(model, fact, config=config), trace_fact(model, neighbour, config=config)]
-    editor = apply_edit(model, args.method, fact, layers)
+    editor = apply_edit(model, args.method, fact, layers, args.corpus_samples)
     try:
         after = [trace_fact(model, fact, answer=fact.target_new, config=config),
                  trace_fact(model, neighbour, config=config)]

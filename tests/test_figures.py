@@ -31,7 +31,7 @@ def test_edit_then_trace_figures(tmp_path, method):
     for kinds in ("resid", "resid,mlp"):
         out = tmp_path / kinds.replace(",", "_")
         edit_then_trace.main(["--model", "tiny-llama", "--method", method, "--layers", "1,2", "--kinds", kinds,
-                              "--out-dir", str(out)])
+                              "--out-dir", str(out), "--corpus-samples", "48"])
         edited = read_image(out / f"edit_then_trace_{method}.png")
         neighbour = read_image(out / f"edit_then_trace_{method}_neighbour.png")
         assert edited.shape[1] > 2 * edited.shape[0] / len(kinds.split(","))  # before, after, difference
