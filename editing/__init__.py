@@ -9,7 +9,7 @@ Names are imported on first use (see :mod:`tracing` for the same pattern).
 
 from __future__ import annotations
 
-import importlib
+from tracing.lazy import lazy_exports
 
 _EXPORTS = {
     "Editor": "editing.editor",
@@ -34,13 +34,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'editing' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -64,6 +64,30 @@ class Editor(ABC):
         raise NotImplementedError(f"{self.method} writes into the weights: it has no memories to route to")
 
 
+class HookedEditor(Editor):
+    """An editor that lives on permanent hooks (GRACE, the subject memory): ``detach`` (= ``undo``)
+    removes them and leaves the unedited model; the memory stays in the object, and ``attach`` puts it back.
+    Subclasses keep their hook handles in ``_handles`` and the facts they wrote in ``edited``."""
+
+    _handles: list
+    edited: list[Fact]
+
+    def detach(self) -> None:
+        from tracing.hooks import remove_hooks
+
+        remove_hooks(self._handles)
+        self._handles, self.model = [], None
+
+    def undo(self) -> None:
+        """The unedited model again (hooks removed; the memory stays in this object)."""
+        if self.model is not None:
+            self.detach()
+
+    @property
+    def facts(self) -> list[Fact]:
+        return list(self.edited)
+
+
 def as_facts(facts: Fact | Sequence[Fact]) -> list[Fact]:
     """One fact or many, as a list."""
     return [facts] if isinstance(facts, Fact) else list(facts)

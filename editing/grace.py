@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from editing.editor import Editor, Route, as_facts
+from editing.editor import HookedEditor, Route, as_facts
 from editing.requests import validate_requests
 from editing.targets import frozen_weights
 from editing.weights import weight_fingerprint
@@ -37,7 +37,7 @@ from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
 from tracing.blocks import logits_of, record_rows, replay_later_blocks
 from tracing.facts import Fact
-from tracing.hooks import add_permanent_hooks, remove_hooks
+from tracing.hooks import add_permanent_hooks
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.tokens import encode, target_token_ids
 
@@ -68,7 +68,7 @@ class GraceResult:
     loss: float
 
 
-class GraceEditor(Editor):
+class GraceEditor(HookedEditor):
     """A GRACE codebook for one model, applied through TransformerBridge hooks; ``detach`` (= ``undo``)
     restores the unedited model exactly, and ``attach`` puts the codebook back."""
 
@@ -106,17 +106,8 @@ class GraceEditor(Editor):
         return self
 
     def detach(self) -> None:
-        remove_hooks(self._handles)
-        self._handles, self.model, self._key = [], None, None
-
-    def undo(self) -> None:
-        """The unedited model again (hooks removed; the codebook stays in this object)."""
-        if self.model is not None:
-            self.detach()
-
-    @property
-    def facts(self) -> list[Fact]:
-        return list(self.edited)
+        super().detach()
+        self._key = None
 
     # --- persistence --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

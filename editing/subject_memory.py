@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from editing.contexts import context_templates
-from editing.editor import Editor, Route, as_facts
+from editing.editor import HookedEditor, Route, as_facts
 from editing.memit import MemitConfig
 from editing.prompts import in_context, subject_row
 from editing.requests import validate_requests
@@ -91,7 +91,7 @@ class SubjectMemoryResult:
     own_similarity: list[float]
 
 
-class SubjectMemoryEditor(Editor):
+class SubjectMemoryEditor(HookedEditor):
     """A subject-keyed codebook of residual shifts; see the module docstring."""
 
     method = "subject-memory"
@@ -128,21 +128,6 @@ class SubjectMemoryEditor(Editor):
         self._calibrate(model)
         self._handles = add_permanent_hooks(model, [(ModelAdapter.resid_out(layer), self._answer)])
         return self
-
-    def detach(self) -> None:
-        from tracing.hooks import remove_hooks
-
-        remove_hooks(self._handles)
-        self._handles, self.model = [], None
-
-    def undo(self) -> None:
-        """The unedited model again (the hook is removed; the codebook stays in this object)."""
-        if self.model is not None:
-            self.detach()
-
-    @property
-    def facts(self) -> list[Fact]:
-        return list(self.edited)
 
     @torch.no_grad()
     def _calibrate(self, model) -> None:

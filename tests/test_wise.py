@@ -425,7 +425,8 @@ def test_grace_codebook_adds_expands_and_splits_radii(tiny_llama):
         assert editor.edit(other).action == "expanded"  # beyond the radius but within eps_init of it
         assert editor.radii == [pytest.approx(distance, rel=1e-4)]
         assert editor.edit(EIFFEL).action == "updated"
-        clash = Fact("Colosseum", "The {} is located in the city of", "Rome", "Paris")
+        # the same prompt with another label (as another relation: a stream refuses re-editing one fact)
+        clash = Fact("Colosseum", "The {} is located in the city of", "Rome", "Paris", relation="P-clash")
         assert editor.edit(clash).action == "split"
         assert editor.radii[0] < editor.radii[1] == pytest.approx(distance / 2, rel=1e-4)
         assert editor.lookup([EIFFEL.prompt, other.prompt]) == [0, 1]

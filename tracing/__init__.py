@@ -13,7 +13,7 @@ Names are imported on first use, so ``python -m tracing.heatmap --help`` does no
 
 from __future__ import annotations
 
-import importlib
+from tracing.lazy import lazy_exports
 
 _EXPORTS = {
     "load_model": "tracing.models",
@@ -35,13 +35,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tracing' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
