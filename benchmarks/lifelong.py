@@ -14,7 +14,8 @@ paraphrases; locality = agreement with the *unedited* model's predictions, recor
                                   [--protocols after_all,after_each] [--set NAME.FIELD=VALUE] [--threads 2]
 
 One JSON object per row is appended to ``benchmarks/results/lifelong.jsonl`` (``--out``) as soon as it is
-measured, so a long run keeps what it finished.
+measured, so a long run keeps what it finished; each records the threads and the machine's 1-minute load
+average when it finished (other jobs on the cores make the times upper bounds).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import random
 import resource
 import sys
@@ -73,11 +75,13 @@ def routed_share(editor, facts: Sequence) -> float | None:
 def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list) -> dict:
     """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo."""
     from editing.editor import create_editor
-    from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy, locality_predictions
+    from editing.evaluate import (agreement, argmax_predictions, evaluate_accuracy, locality_pairs,
+                                  locality_predictions)
 
     calls = batches(facts, batch)
-    baselines = [locality_predictions(model, call) for call in calls]  # the unedited model's answers
-    everything = [prediction for baseline in baselines for prediction in baseline]
+    # the unedited model's answers on locality prompts that no call of this run edits (both protocols)
+    baselines = [locality_predictions(model, call, facts) for call in calls]
+    everything = locality_predictions(model, facts)
     unrelated_pairs = [(fact.prompt, fact.target_true) for fact in held_out]
     unrelated_baseline = argmax_predictions(model, unrelated_pairs)
     editor = create_editor(name, model, config)
@@ -88,16 +92,22 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
             editor.edit(call)
             seconds += time.perf_counter() - started
             if protocol == "after_each":
-                per_call.append((len(call), evaluate_accuracy(model, call, baseline)))
+                per_call.append((call, evaluate_accuracy(model, call, baseline, facts)))
         if protocol == "after_all":
-            per_call = [(len(facts), evaluate_accuracy(model, facts, everything))]
+            per_call = [(facts, evaluate_accuracy(model, facts, everything))]
         unrelated = agreement(model, unrelated_pairs, unrelated_baseline)
         routed = routed_share(editor, facts)
     finally:
         editor.undo()
-    total = sum(n for n, _ in per_call)
-    mean = {key: sum(n * getattr(summary, key) for n, summary in per_call) / total
-            for key in ("reliability", "generalization", "locality")}
+    counts = {"reliability": len, "generalization": lambda call: sum(len(f.paraphrases) for f in call),
+              "locality": lambda call: len(locality_pairs(call, facts))}
+    mean = {}
+    for key, count in counts.items():  # each metric weighted by how many cases it read, per call
+        weights = [(count(call), getattr(summary, key)) for call, summary in per_call]
+        total = sum(n for n, _ in weights)
+        if total == 0:
+            raise ValueError(f"no {key} cases among these facts: it cannot be scored")
+        mean[key] = sum(n * value for n, value in weights if n) / total
     return {**mean, "unrelated": unrelated, "routed": routed, "s_per_edit": seconds / len(facts)}
 
 
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out)
                 record = {"method": name, "T": t, "batch": args.batch, "protocol": protocol, "facts": "counterfact-bundled",
                           **row, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          "threads": torch.get_num_threads(), "model": args.model, "seed": args.seed,
+                          "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+                          "model": args.model, "seed": args.seed,
                           "config": {k: v for k, v in overrides[name].items()}}
                 with out.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")

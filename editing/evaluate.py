@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -214,10 +214,11 @@ class AccuracySummary:
         return asdict(self)
 
 
-def locality_pairs(facts: Sequence[Fact]) -> list[tuple[str, str]]:
-    """The facts' locality pairs, leaving out prompts that are themselves edited among ``facts`` (their
-    answer is supposed to change: in a long lifelong run most bundled locality facts get edited too)."""
-    edited = {fact.prompt for fact in facts}
+def locality_pairs(facts: Sequence[Fact], edited: Iterable[Fact] = ()) -> list[tuple[str, str]]:
+    """The facts' locality pairs, leaving out prompts that are themselves edited among ``facts`` or
+    ``edited`` (e.g. the whole run, when ``facts`` is one call of it): their answer is supposed to change, and
+    in a long lifelong run most bundled locality facts get edited too."""
+    edited = {fact.prompt for fact in (*facts, *edited)}
     return [(prompt, answer) for fact in facts for prompt, answer in fact.locality if prompt not in edited]
 
 
@@ -235,13 +236,17 @@ def agreement(model, pairs: Sequence[tuple[str, str]], baseline: list[list[int]]
     return float(np.mean(per_pair)) if per_pair else float("nan")
 
 
-def locality_predictions(model, facts: Sequence[Fact]) -> list[list[int]]:
-    """The model's argmax tokens on every locality pair: call before editing, pass to the evaluation."""
-    return argmax_predictions(model, locality_pairs(facts))
+def locality_predictions(model, facts: Sequence[Fact], edited: Iterable[Fact] = ()) -> list[list[int]]:
+    """The model's argmax tokens on every locality pair: call before editing, pass to the evaluation (with
+    the same ``edited``)."""
+    return argmax_predictions(model, locality_pairs(facts, edited))
 
 
-def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -> AccuracySummary:
-    """Token accuracy of ``target_new`` on prompts and paraphrases; locality vs ``baseline``."""
+def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]],
+                      edited: Iterable[Fact] = ()) -> AccuracySummary:
+    """Token accuracy of ``target_new`` on prompts and paraphrases; locality vs ``baseline`` (see
+    :func:`locality_pairs` for ``edited``)."""
+    edited = tuple(edited)
     rel = read_continuations(model, [(f.prompt, f.target_new) for f in facts])
     para = [(p, f.target_new) for f in facts for p in f.paraphrases]
     gen = read_continuations(model, para) if para else []
@@ -249,7 +254,7 @@ def evaluate_accuracy(model, facts: Sequence[Fact], baseline: list[list[int]]) -
         n_cases=len(facts),
         reliability=float(np.mean([c.accuracy for c in rel])),
         generalization=float(np.mean([c.accuracy for c in gen])) if gen else float("nan"),
-        locality=agreement(model, locality_pairs(facts), baseline),
+        locality=agreement(model, locality_pairs(facts, edited), baseline),
     )
 
 

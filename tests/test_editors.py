@@ -206,3 +206,26 @@ def test_a_long_stream_keeps_weights_and_logits_finite(tiny_llama, name):
         assert len(editor.facts) == 40
     finally:
         editor.undo()
+
+
+def test_both_protocols_score_locality_on_the_same_unedited_prompts(tiny_llama):
+    """Locality prompts edited by any call of the run are left out under both protocols, against the
+    unedited model's answers recorded before the first edit (a fact's locality prompt edited in a later
+    call used to break the after-all baseline)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import run_stream
+
+    from editing.evaluate import locality_pairs
+
+    first = Fact("Germany", "The capital of {} is", "Berlin", "Madrid", paraphrases=("Germany's capital is",),
+                 locality=(("The capital of France is", "Paris"),))
+    second = Fact("France", "The capital of {} is", "Paris", "Rome", paraphrases=("France's capital is",),
+                  locality=(("The capital of Spain is", "Madrid"),))
+    assert locality_pairs([first]) == [("The capital of France is", "Paris")]
+    assert locality_pairs([first], [first, second]) == []  # France is edited in the run: left out
+    for protocol in ("after_all", "after_each"):
+        row = run_stream(tiny_llama, "grace", CONFIGS["grace"], [first, second], 1, protocol, [first])
+        assert row["locality"] == 1.0  # only Spain is scored, and GRACE leaves it alone
