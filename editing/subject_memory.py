@@ -32,7 +32,7 @@ import torch
 
 from editing.contexts import context_templates
 from editing.editor import HookedEditor, Route, as_facts
-from editing.memit import MemitConfig
+from editing.memit import MemitConfig, current_outputs
 from editing.prompts import in_context, subject_row
 from editing.requests import validate_requests
 from editing.targets import TargetConfig, compute_targets
@@ -197,7 +197,8 @@ class SubjectMemoryEditor(HookedEditor):
         keys = self._keys(requests, templates)
         # z on the model as it is now: earlier entries of the same subject are in place
         zs = compute_targets(model, requests, self.layer, templates, config.targets, config.show_progress)
-        current = self._current_outputs(requests)
+        with torch.no_grad():  # h on the model as it is now: earlier entries of the subject included
+            current = current_outputs(model, requests, self.layer).cpu()
         deltas = (zs - current).float().cpu()
         thresholds = [self._threshold(key, fact.subject) for key, fact in zip(keys, requests)]
         start = 0 if self.keys is None else len(self.keys)
@@ -206,17 +207,10 @@ class SubjectMemoryEditor(HookedEditor):
         self.thresholds += thresholds
         self.subjects += [fact.subject for fact in requests]
         self.edited += requests
-        own = self._unit(self._states([subject_row(model, f.template, f.subject).ids for f in requests],
-                                      [subject_row(model, f.template, f.subject).lookup for f in requests]))
+        bare = [subject_row(model, f.template, f.subject) for f in requests]
+        own = self._unit(self._states([r.ids for r in bare], [r.lookup for r in bare]))
         return SubjectMemoryResult(list(range(start, start + len(requests))), thresholds,
                                    [float(s) for s in (own * keys).sum(-1)])
-
-    @torch.no_grad()
-    def _current_outputs(self, requests: Sequence[Fact]) -> torch.Tensor:
-        """The residual after ``layer`` at each bare prompt's subject token, earlier entries included."""
-        rows = [subject_row(self.model, fact.template, fact.subject) for fact in requests]
-        return activations_at(self.model, [r.ids for r in rows], ModelAdapter.resid_out(self.layer),
-                              self.layer + 1, positions=[r.lookup for r in rows], batch_size=64).cpu()
 
     def _keys(self, requests: Sequence[Fact], templates: list[list[str]]) -> torch.Tensor:
         """(n, d_model) unit keys: the centred subject-token states over every context, averaged. A row whose
