@@ -33,7 +33,8 @@ def validate_requests(model, facts: Iterable[Fact], earlier: Iterable[Fact] = ()
     targets: dict[tuple[str, str], str] = {_key(fact): fact.target_new for fact in earlier}
     streamed = set(targets)
     for i, fact in enumerate(facts):
-        where = f"request {i} ({fact.subject!r})"
+        case = f", case {fact.case_id}" if fact.case_id is not None else ""
+        where = f"request {i} ({fact.subject!r}{case})"
         if fact.target_new is None or not _normalised(fact.target_new):
             problems.append(f"{where}: empty target_new {fact.target_new!r}")
             continue

@@ -27,7 +27,7 @@ ZSRE_RECORD = {
     "pred": "Trinity College",
     "rephrase": "What university did Watts Humphrey take part in?",
     "alt": "University of Michigan",
-    "answers": ["University of Michigan"],
+    "answers": ["Illinois Institute of Technology"],
     "loc": "nq question: who played desmond doss father in hacksaw ridge",
     "loc_ans": "Hugo Weaving",
 }
@@ -51,9 +51,9 @@ def test_zsre_record(tmp_path):
     [fact] = load_facts(path)
     assert fact.prompt == ZSRE_RECORD["src"]
     assert fact.template == "What university did {} attend?"
-    assert fact.target_new == "University of Michigan" and fact.target_true == "Trinity College"
+    assert fact.target_new == "University of Michigan" and fact.target_true == "Illinois Institute of Technology"
     assert fact.paraphrases == (ZSRE_RECORD["rephrase"],)
-    assert fact.locality == (("who played desmond doss father in hacksaw ridge", "Hugo Weaving"),)
+    assert fact.locality == (("nq question: who played desmond doss father in hacksaw ridge?", "Hugo Weaving"),)
 
 
 def test_json_lines_and_unknown_format(tmp_path):

@@ -2,8 +2,9 @@
 
 One record type, :class:`Fact`, serves both stages. It reads and writes the CounterFact schema
 (``requested_rewrite{prompt, subject, target_new{str}, target_true{str}}``, ``paraphrase_prompts``,
-``neighborhood_prompts``, ``generation_prompts``) and reads the zsRE schema used by MEND/ROME
-(``src, subject, answers, rephrase, loc, loc_ans``). The bundled ``known_facts.json`` is CounterFact
+``neighborhood_prompts``, ``generation_prompts``) and reads the zsRE schema of MEND's release
+(``src, subject, alt, answers, rephrase, loc, loc_ans``) as EasyEdit and WISE edit it (``alt`` is the new
+target, ``answers[0]`` the true one). The bundled ``known_facts.json`` is CounterFact
 shaped, holds only facts the embedded model gets right, and is rebuilt by
 ``python -m tracing.build_known_facts``.
 """
@@ -11,6 +12,7 @@ shaped, holds only facts the embedded model gets right, and is rebuilt by
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -111,32 +113,60 @@ class Fact:
     # --- zsRE schema ---------------------------------------------------------------------------------
     @classmethod
     def from_zsre(cls, record: dict[str, Any], case_id: int | None = None) -> "Fact":
-        """zsRE as used by MEND/ROME: the question ``src`` is the prompt, ``answers[0]`` the new target.
+        """zsRE as MEND distributes it and EasyEdit/WISE edit it: the question ``src`` is the prompt,
+        ``alt`` the new target, ``answers[0]`` the true one, ``rephrase`` the paraphrase, and ``loc`` /
+        ``loc_ans`` one locality pair, its prompt in the published format (:func:`zsre_locality_prompt`).
 
-        zsRE has no "true" answer for the model; ``pred`` (the original model's answer) is used when
-        present, else the new answer (so efficacy can still be measured as token accuracy).
+        A record without ``alt``, or whose ``alt`` is its true answer, has nothing to edit: it is refused
+        with :class:`InvalidRecordError` naming it (falling back to ``answers[0]`` would edit a fact to itself).
         """
         subject, question = record["subject"], record["src"]
+        name = _record_name(record, case_id)
         if subject not in question:
-            raise SubjectNotFoundError(f"zsRE subject {subject!r} does not occur in question {question!r}")
-        answers = record.get("answers") or [record.get("alt")]
-        new = record.get("alt") or answers[0]
+            raise SubjectNotFoundError(f"zsRE {name}: subject {subject!r} does not occur in question {question!r}")
+        new, answers = record.get("alt"), record.get("answers") or []
+        if not isinstance(new, str) or not new.strip():
+            raise InvalidRecordError(f"zsRE {name}: no new target ('alt' is {new!r})")
+        if not answers or not str(answers[0]).strip():
+            raise InvalidRecordError(f"zsRE {name}: no true answer ('answers' is {answers!r})")
+        if new.strip() == str(answers[0]).strip():
+            raise InvalidRecordError(f"zsRE {name}: the new target 'alt' {new!r} is the true answer "
+                                     f"answers[0]; there is nothing to edit")
         rephrase = record.get("rephrase")
         locality = ()
         if record.get("loc") and record.get("loc_ans"):
-            loc = record["loc"]
-            loc = loc[len("nq question: "):] if loc.startswith("nq question: ") else loc
-            locality = ((loc, record["loc_ans"]),)
+            locality = ((zsre_locality_prompt(record["loc"]), record["loc_ans"]),)
         return cls(
             subject=subject,
             template=question.replace(subject, SLOT, 1),
-            target_true=record.get("pred") or new,
+            target_true=str(answers[0]),
             target_new=new,
             paraphrases=(rephrase,) if rephrase else (),
             locality=locality,
             relation="zsre",
             case_id=case_id if case_id is not None else record.get("case_id"),
         )
+
+
+class InvalidRecordError(ValueError):
+    """A dataset record cannot become an edit request (the message names it)."""
+
+
+def zsre_locality_prompt(loc: str) -> str:
+    """zsRE's locality question in its published format, as ROME and MEMIT score it: the record's
+    ``loc`` verbatim (``"nq question: who played ..."``) with the question mark the data leaves off.
+
+    Removing the ``"nq question: "`` prefix and the ``?`` would measure locality on a prompt format the
+    dataset never uses (and in which WISE's router looks better than in the published one)."""
+    loc = loc.rstrip()
+    return loc if loc.endswith("?") else loc + "?"
+
+
+def _record_name(record: dict[str, Any], case_id: int | None) -> str:
+    """How an error message names a record: its position or case id, and its subject."""
+    number = case_id if case_id is not None else record.get("case_id")
+    where = f"record {number}" if number is not None else "record"
+    return f"{where} ({record.get('subject')!r})"
 
 
 def _target_str(target: Any) -> str:
@@ -173,20 +203,38 @@ def load_counterfact(path: str | Path, limit: int | None = None) -> list[Fact]:
     return [Fact.from_counterfact(r) for r in records[:limit]]
 
 
-def load_zsre(path: str | Path, limit: int | None = None) -> list[Fact]:
-    records = _read_records(path)
-    return [Fact.from_zsre(r, case_id=i) for i, r in enumerate(records[:limit])]
+def load_zsre(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> list[Fact]:
+    """zsRE records as facts (:meth:`Fact.from_zsre`); see :func:`zsre_facts` for ``skip_invalid``."""
+    return zsre_facts(_read_records(path)[:limit], skip_invalid)
 
 
-def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
-    """Load CounterFact- or zsRE-format JSON (list of records, or JSON lines), detected from the keys."""
+def zsre_facts(records: Sequence[dict[str, Any]], skip_invalid: bool = False) -> list[Fact]:
+    """Facts from zsRE records (``case_id`` = position). Records with nothing to edit (no ``alt``, or
+    ``alt`` equal to the true answer) are refused together, each named; ``skip_invalid`` leaves them out
+    with a warning that names them instead."""
+    facts, problems = [], []
+    for i, record in enumerate(records):
+        try:
+            facts.append(Fact.from_zsre(record, case_id=i))
+        except InvalidRecordError as error:
+            problems.append(str(error))
+    if problems and not skip_invalid:
+        raise InvalidRecordError(f"{len(problems)} zsRE record(s) cannot be edited:\n  " + "\n  ".join(problems))
+    if problems:
+        warnings.warn(f"left out {len(problems)} zsRE record(s):\n  " + "\n  ".join(problems), stacklevel=2)
+    return facts
+
+
+def load_facts(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> list[Fact]:
+    """Load CounterFact- or zsRE-format JSON (list of records, or JSON lines), detected from the keys
+    (``skip_invalid``: see :func:`zsre_facts`)."""
     records = _read_records(path)
     if not records:
         return []
     if "requested_rewrite" in records[0]:
         return [Fact.from_counterfact(r) for r in records[:limit]]
     if "src" in records[0]:
-        return [Fact.from_zsre(r, case_id=i) for i, r in enumerate(records[:limit])]
+        return zsre_facts(records[:limit], skip_invalid)
     raise ValueError(f"{path}: records are neither CounterFact (requested_rewrite) nor zsRE (src) format")
 
 
