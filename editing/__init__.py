@@ -29,6 +29,7 @@ _EXPORTS = {
     "CorpusConfig": "editing.covariance",
     "evaluate_counterfact": "editing.evaluate",
     "evaluate_accuracy": "editing.evaluate",
+    "NoDataError": "editing.evaluate",
     "locality_predictions": "editing.evaluate",
     "markdown_table": "editing.evaluate",
 }

@@ -127,7 +127,8 @@ def test_locality_pairs_leave_out_prompts_edited_in_the_same_run():
 def test_markdown_table_shows_fractions_as_percentages_and_plain_columns_as_they_are():
     from editing.evaluate import markdown_table
 
-    table = markdown_table({"run": {"ES": 0.95, "GE": 0.5, "n": 3}}, ["ES", "GE", "n", "PS"], plain=["GE"])
+    table = markdown_table({"run": {"ES": 0.95, "GE": 0.5, "n": 3}, "unedited": {"ES": 0.0}},
+                           ["ES", "GE", "n", "PS"], plain=["GE"])
     assert table.splitlines()[-1] == "| run | 95.0 | 0.5 | 3 | – |"
 
 

@@ -5,7 +5,8 @@
 * :func:`subject_token_range` finds the subject by *character offsets*, so a subject that starts
   after a space, is glued to punctuation ("Tower's"), or sits after a BOS token is located the same way
   for every tokenizer.
-* :func:`target_token_ids` tokenises an answer with one leading space, as ROME/MEMIT do.
+* :func:`target_token_ids` tokenises an answer with one leading space, as ROME/MEMIT do (see there for
+  the one convention every stage follows).
 * :func:`right_padded` batches rows of ids by padding at the end (exact under causal attention).
 """
 
@@ -99,7 +100,14 @@ def subject_token_range(encoded: EncodedPrompt, subject: str, char_start: int | 
 
 
 def target_token_ids(model, target: str) -> list[int]:
-    """Token ids of an answer as it follows a prompt: exactly one leading space, no BOS."""
+    """Token ids of an answer as it follows a prompt: exactly one leading space, no BOS.
+
+    The convention, for every stage (editing, evaluation, tracing): a target is the answer's text; its
+    surrounding whitespace is not part of it, and it is always read as ``" " + target.strip()``. That is
+    ROME's (``rome_main`` prepends a space to a target that lacks one), so "Paris" and " Paris" are the
+    same target, and the ids are the ones the model sees when the answer is written after the prompt
+    (``encode(prompt + " " + target) == encode(prompt) + target_token_ids(target)`` for prompts that end
+    in a word). Tokenising the bare text instead gives other ids for the first word of most targets."""
     if not target.strip():
         raise ValueError("the target is empty")
     text = " " + target.strip()
