@@ -9,6 +9,13 @@ paraphrases; locality = agreement with the *unedited* model's predictions, recor
 * ``after_each`` (AlphaEdit): each call's facts scored right after that call, averaged over the calls.
 
 ``unrelated`` is agreement on held-out known facts that no run edits, after the last call (both protocols).
+``locality_other_subjects`` and ``unrelated_other_subjects`` are the same agreements on the prompts that
+name no subject edited in the run (a subject-keyed edit is meant to reach every prompt about its subject,
+so these separate leaks onto other subjects from effects on the edited subjects' other relations).
+
+``--edits 100,300,1000 --one-stream`` edits the largest T once and scores ``after_all`` at each smaller T
+on the way (the first T facts, as a separate run of T would edit them, in the same calls): one stream
+instead of three, and rows that are kept as they come.
 
     python benchmarks/lifelong.py --methods wise,memit,grace --edits 1,10,100 [--batch 10]
                                   [--protocols after_all,after_each] [--set NAME.FIELD=VALUE] [--threads 2]
@@ -26,6 +33,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -72,33 +80,74 @@ def routed_share(editor, facts: Sequence) -> float | None:
     return sum(r.memory is not None for r in editor.route([f.prompt for f in facts])) / len(facts)
 
 
-def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list) -> dict:
-    """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo."""
-    from editing.editor import create_editor
-    from editing.evaluate import (agreement, argmax_predictions, evaluate_accuracy, locality_pairs,
-                                  locality_predictions)
+def names_any(prompt: str, subjects: Sequence[str]) -> bool:
+    """Whether ``prompt`` names one of ``subjects`` as a whole word (or words)."""
+    return any(re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) for subject in subjects)
 
+
+def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list,
+               checkpoints: Sequence[int] | None = None) -> list[dict]:
+    """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo.
+
+    One row per checkpoint (default: only ``len(facts)``); a checkpoint T scores the first T facts after
+    the calls that edited them (``after_all`` only), exactly as a separate run of T would."""
+    from editing.editor import create_editor
+    from editing.evaluate import agreement, evaluate_accuracy, locality_predictions
+
+    checkpoints = sorted(set(checkpoints or [len(facts)]))
+    if checkpoints[-1] != len(facts) or any(t % batch for t in checkpoints[:-1]) or checkpoints[0] < 1:
+        raise ValueError(f"checkpoints {checkpoints} must end at T = {len(facts)} and fall between calls of {batch}")
+    if len(checkpoints) > 1 and protocol != "after_all":
+        raise ValueError("intermediate checkpoints are scored after_all only")
     calls = batches(facts, batch)
-    # the unedited model's answers on locality prompts that no call of this run edits (both protocols)
+    # the unedited model's answers, recorded before the first edit, on the prompts each score reads
     baselines = [locality_predictions(model, call, facts) for call in calls]
-    everything = locality_predictions(model, facts)
-    unrelated_pairs = [(fact.prompt, fact.target_true) for fact in held_out]
-    unrelated_baseline = argmax_predictions(model, unrelated_pairs)
+    prefix = {t: _unedited(model, facts[:t], held_out) for t in checkpoints}
     editor = create_editor(name, model, config)
-    per_call, seconds = [], 0.0
+    per_call, seconds, rows, edited = [], 0.0, [], 0
     try:
         for call, baseline in zip(calls, baselines):
             started = time.perf_counter()
             editor.edit(call)
             seconds += time.perf_counter() - started
+            edited += len(call)
             if protocol == "after_each":
                 per_call.append((call, evaluate_accuracy(model, call, baseline, facts)))
-        if protocol == "after_all":
-            per_call = [(facts, evaluate_accuracy(model, facts, everything))]
-        unrelated = agreement(model, unrelated_pairs, unrelated_baseline)
-        routed = routed_share(editor, facts)
+            if edited not in prefix:
+                continue
+            scored, unedited = facts[:edited], prefix[edited]
+            if protocol == "after_all":
+                per_call = [(scored, evaluate_accuracy(model, scored, unedited["locality"]))]
+            other = {key: agreement(model, pairs, base) if pairs else None
+                     for key, (pairs, base) in unedited["other_subjects"].items()}
+            rows.append({**_weighted(per_call, scored), "unrelated": agreement(model, *unedited["unrelated"]),
+                         "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],
+                         "n_locality_other_subjects": len(unedited["other_subjects"]["locality"][0]),
+                         "n_unrelated_other_subjects": len(unedited["other_subjects"]["unrelated"][0]),
+                         "routed": routed_share(editor, scored), "s_per_edit": seconds / edited, "T": edited})
     finally:
         editor.undo()
+    return rows
+
+
+def _unedited(model, facts: list, held_out: list) -> dict:
+    """What the unedited model answers on the prompts a score of ``facts`` reads: their locality prompts,
+    the held-out facts, and both restricted to prompts that name no subject of ``facts``."""
+    from editing.evaluate import argmax_predictions, locality_pairs, locality_predictions
+
+    subjects = sorted({fact.subject for fact in facts})
+    unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
+    other = {"locality": [pair for pair in locality_pairs(facts) if not names_any(pair[0], subjects)],
+             "unrelated": [pair for pair in unrelated if not names_any(pair[0], subjects)]}
+    return {"locality": locality_predictions(model, facts), "unrelated": (unrelated, argmax_predictions(model, unrelated)),
+            "other_subjects": {key: (pairs, argmax_predictions(model, pairs) if pairs else [])
+                               for key, pairs in other.items()}}
+
+
+def _weighted(per_call: list, facts: list) -> dict:
+    """Rel / Gen / Loc over the scored calls, each weighted by the cases it read."""
+    from editing.evaluate import locality_pairs
+
     counts = {"reliability": len, "generalization": lambda call: sum(len(f.paraphrases) for f in call),
               "locality": lambda call: len(locality_pairs(call, facts))}
     mean = {}
@@ -108,7 +157,7 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
         if total == 0:
             raise ValueError(f"no {key} cases among these facts: it cannot be scored")
         mean[key] = sum(n * value for n, value in weights if n) / total
-    return {**mean, "unrelated": unrelated, "routed": routed, "s_per_edit": seconds / len(facts)}
+    return mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="wise,memit", help="registered method names, comma-separated")
     parser.add_argument("--edits", default="1,10", help="comma-separated numbers of edited facts T")
     parser.add_argument("--batch", type=int, default=1, help="facts per edit call (all methods)")
+    parser.add_argument("--one-stream", action="store_true",
+                        help="edit the largest T once, scoring after_all at each T of --edits on the way")
     parser.add_argument("--protocols", default="after_all", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                         help="override a config field, e.g. --set wise.n_iter=30 (repeatable)")
@@ -132,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--edits, --batch and --held-out must be positive")
         if set(protocols) - set(PROTOCOLS):
             raise ValueError(f"--protocols must be of {', '.join(PROTOCOLS)}, got {args.protocols!r}")
+        if args.one_stream and (protocols != ["after_all"] or any(t % args.batch for t in edits[:-1])
+                                or edits != sorted(edits)):
+            raise ValueError("--one-stream scores after_all at increasing T that fall between calls of --batch")
         overrides: dict[str, dict[str, Any]] = {name: {} for name in names}
         for item in args.set:
             target, value = item.split("=", 1)
@@ -158,18 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for t in edits:
+    streams = [(max(edits), edits)] if args.one_stream else [(t, [t]) for t in edits]
+    for t, checkpoints in streams:
         for name in names:
             for protocol in protocols:
-                row = run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out)
-                record = {"method": name, "T": t, "batch": args.batch, "protocol": protocol, "facts": "counterfact-bundled",
-                          **row, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
-                          "model": args.model, "seed": args.seed,
-                          "config": {k: v for k, v in overrides[name].items()}}
-                with out.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
+                rows = run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints)
+                for row in rows:
+                    record = {"method": name, "T": row.pop("T"), "batch": args.batch, "protocol": protocol,
+                              "facts": "counterfact-bundled", **row,
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+                              "model": args.model, "seed": args.seed, "one_stream": args.one_stream,
+                              "config": {k: v for k, v in overrides[name].items()}}
+                    with out.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    print(json.dumps(record), flush=True)
     return 0
 
 

@@ -9,15 +9,22 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   not the sentence around it);
 * **value**: MEMIT's target shift δ = z - h (``compute_z``: new target over context prefixes, KL on
   "{subject} is a", weight decay, norm clamp), computed on the model with the earlier edits in place;
-* **retrieval**: at every position, each key's cosine similarity to the centred state; every entry at or
-  above its threshold adds its δ (two edits of one subject in different relations add up, as in MEMIT).
-  A key's threshold is ``similarity`` or, if higher, ``margin`` above the best match among the positions
-  of held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
+* **retrieval** (``match="subject"``, the default): an entry answers at a position where one of its
+  subject's spellings (its token ids in the edit prompt, in the context templates, alone and after a
+  space) ends *and* the key's cosine similarity to the centred state is at least ``subject_similarity``;
+  it adds its δ there (two edits of one subject in different relations add up, as in MEMIT).
+  ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
+  threshold is then ``similarity`` or, if higher, ``margin`` above the best match among the positions of
+  held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
+  At T = 1000 that lets keys of other subjects answer on a quarter of the locality prompts ("Irkutsk" on
+  "Yakutsk", "San Diego" on "Diego Maradona"): the state at a subject's last token is dominated by that
+  token, so the spelling is what separates subjects (docs/subject_memory.md).
 
-The weights never change; ``undo`` removes the hook. Earlier edits are never revisited, so they cannot be
-overwritten (the failure of sequential MEMIT and of one shared side memory). The hook reads one position
-at a time, so the fast tracing engine stays exact while it is attached. Design and measurements:
-docs/subject_memory.md.
+The weights never change; ``undo`` removes the hooks. Earlier edits are never revisited, so they cannot be
+overwritten (the failure of sequential MEMIT and of one shared side memory). Matching a spelling reads the
+tokens before a position, so under ``match="subject"`` tracing uses whole-prompt forwards (the reference
+engine); MEMIT's target optimisation, which runs prompt suffixes alone, sees the memory through the
+state gate. Design and measurements: docs/subject_memory.md.
 """
 
 from __future__ import annotations
@@ -34,28 +41,33 @@ from editing.contexts import context_templates
 from editing.editor import HookedEditor, Route, as_facts
 from editing.memit import MemitConfig, current_outputs
 from editing.prompts import in_context, subject_row
+from editing.subject_spellings import SpellingIndex, subject_spellings
 from editing.requests import validate_requests
 from editing.targets import TargetConfig, compute_targets
 from editing.weights import weight_fingerprint
 from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
 from tracing.candidates import unused_fact_prompts
+from tracing.engine import require_full_forwards
 from tracing.facts import Fact
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.layer_set import critical_layers_for
 from tracing.tokens import encode
 
 FILE_KEY = "factlens_subject_memory"
+MATCHES = ("subject", "state")
 
 
 @dataclass(frozen=True)
 class SubjectMemoryConfig:
     """``layer`` None: the last layer of the model's critical MLP band (MEMIT's z layer). The defaults of
-    ``similarity`` and ``margin`` were measured on SmolLM2 (docs/subject_memory.md)."""
+    the thresholds were measured on SmolLM2 (docs/subject_memory.md)."""
 
     layer: int | None = None
-    similarity: float = 0.85  # lowest centred cosine similarity at which a key answers
-    margin: float = 0.02  # a key's threshold sits this far above its best held-out match
+    match: str = "subject"  # "subject": a spelling of the subject ends here and the state matches; "state"
+    subject_similarity: float = 0.7  # lowest centred cosine similarity where a spelling of the subject ends
+    similarity: float = 0.85  # state gate: lowest centred cosine similarity at which a key answers
+    margin: float = 0.02  # state gate: a key's threshold sits this far above its best held-out match
     calibration: int = 256  # held-out fact prompts whose positions set the thresholds
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
@@ -64,8 +76,11 @@ class SubjectMemoryConfig:
     show_progress: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.similarity <= 1.0:
-            raise ValueError(f"similarity must be in (0, 1], got {self.similarity}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+        for name in ("similarity", "subject_similarity"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [-1, 1], got {getattr(self, name)}")
         if self.margin < 0 or self.calibration < 0:
             raise ValueError("margin and calibration must be >= 0")
 
@@ -105,12 +120,16 @@ class SubjectMemoryEditor(HookedEditor):
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
-        self.thresholds: list[float] = []
+        self.thresholds: list[float] = []  # the state gate's, per entry
+        self.spellings: list[list[tuple[int, ...]]] = []  # token ids of each entry's subject
         self.subjects: list[str] = []
         self.edited: list[Fact] = []
         self._calibration: tuple[torch.Tensor, list[str]] | None = None  # unit centred states, their prompts
         self._handles: list = []
         self._active = True
+        self._state_gate = False  # True while MEMIT's target optimisation runs prompt suffixes alone
+        self._tokens: torch.Tensor | None = None  # token ids of the forward in progress
+        self._index = SpellingIndex()
 
     # --- attach / detach ------------------------------------------------------------------------------
     def attach(self, model) -> "SubjectMemoryEditor":
@@ -126,8 +145,15 @@ class SubjectMemoryEditor(HookedEditor):
             raise ValueError(f"the layer-{layer} weights differ from the ones this memory was made for")
         self.layer, self.base_fingerprint, self.model = layer, fingerprint, model
         self._calibrate(model)
-        self._handles = add_permanent_hooks(model, [(ModelAdapter.resid_out(layer), self._answer)])
+        self._index = SpellingIndex(self.spellings)
+        self._handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
+                                                    (ModelAdapter.resid_out(layer), self._answer)])
+        require_full_forwards(model, self.method, self.config.match == "subject")
         return self
+
+    def detach(self) -> None:
+        require_full_forwards(self.model, self.method, False)
+        super().detach()
 
     @torch.no_grad()
     def _calibrate(self, model) -> None:
@@ -150,21 +176,41 @@ class SubjectMemoryEditor(HookedEditor):
     def _unit(self, states: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states.float() - self.centre.to(states.device), dim=-1)
 
-    # --- the hook -------------------------------------------------------------------------------------
+    # --- the hooks ------------------------------------------------------------------------------------
+    def _keep_tokens(self, tokens: torch.Tensor, hook) -> None:
+        self._tokens = tokens
+
     def _answer(self, value: torch.Tensor, hook) -> torch.Tensor | None:
+        tokens, self._tokens = self._tokens, None  # read once: a later forward without embedding gets none
         if not self._active or self.keys is None:
             return None
-        hits = self._hits(value)
-        return value + (hits.to(value.dtype) @ self.deltas.to(value.device, value.dtype))
+        rows, positions, entries = self._entries_at(value, tokens)
+        if len(entries) == 0:
+            return None
+        deltas = self.deltas.to(value.device, value.dtype)[entries]
+        return value.index_put((rows, positions), deltas, accumulate=True)
 
-    def _hits(self, states: torch.Tensor) -> torch.Tensor:
-        """(..., N) whether each entry answers at each position."""
-        similarity = self._unit(states) @ self.keys.to(states.device).T
-        return similarity >= torch.tensor(self.thresholds, device=states.device)
+    def _entries_at(self, states: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(rows, positions, entries) where an entry answers in a (batch, position, d_model) block of
+        states. The state gate serves ``match="state"``, and any call whose token ids were not seen
+        (prompt suffixes run alone)."""
+        keys = self.keys.to(states.device)
+        seen = tokens is not None and tuple(tokens.shape) == tuple(states.shape[:2])
+        if self.config.match == "state" or self._state_gate or not seen:
+            similarity = self._unit(states) @ keys.T
+            hits = similarity >= torch.tensor(self.thresholds, device=states.device)
+            return tuple(torch.nonzero(hits, as_tuple=True))
+        rows, positions, entries = (torch.tensor(column, dtype=torch.long, device=states.device)
+                                    for column in self._index.matches(tokens.tolist()))
+        if len(entries) == 0:
+            return rows, positions, entries
+        similarity = (self._unit(states[rows, positions]) * keys[entries]).sum(-1)
+        keep = similarity >= self.config.subject_similarity
+        return rows[keep], positions[keep], entries[keep]
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:
-        """The entry with the most positions answering in each prompt (None: no entry answers)."""
+        """The entry that answers at the most positions of each prompt (None: no entry answers)."""
         if self.model is None:
             raise RuntimeError("attach the editor to a model first")
         if self.keys is None:
@@ -173,8 +219,9 @@ class SubjectMemoryEditor(HookedEditor):
         states = self._states(rows)
         routes = []
         for prompt, row, state in zip(prompts, rows, states):
-            counts = self._hits(state[: len(row)]).sum(0)
-            routes.append(Route(prompt, int(counts.argmax()) if int(counts.max()) > 0 else None))
+            _, _, entries = self._entries_at(state[None, : len(row)], torch.tensor([row]))
+            counts = torch.bincount(entries, minlength=len(self.keys))
+            routes.append(Route(prompt, int(counts.argmax()) if len(entries) else None))
         return routes
 
     def _states(self, rows: Sequence[Sequence[int]], positions: Sequence[int] | None = None) -> torch.Tensor:
@@ -195,8 +242,15 @@ class SubjectMemoryEditor(HookedEditor):
         requests = validate_requests(model, as_facts(facts), earlier=self.edited)
         templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         keys = self._keys(requests, templates)
-        # z on the model as it is now: earlier entries of the same subject are in place
-        zs = compute_targets(model, requests, self.layer, templates, config.targets, config.show_progress)
+        contexts = [context for group in templates for context in group]
+        spellings = [subject_spellings(model, fact, contexts) for fact in requests]
+        # z on the model as it is now: earlier entries of the same subject are in place (through the state
+        # gate: the optimisation runs prompt suffixes, whose tokens do not spell a multi-token subject)
+        self._state_gate = True
+        try:
+            zs = compute_targets(model, requests, self.layer, templates, config.targets, config.show_progress)
+        finally:
+            self._state_gate = False
         with torch.no_grad():  # h on the model as it is now: earlier entries of the subject included
             current = current_outputs(model, requests, self.layer).cpu()
         deltas = (zs - current).float().cpu()
@@ -205,6 +259,8 @@ class SubjectMemoryEditor(HookedEditor):
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas])
         self.thresholds += thresholds
+        self.spellings += spellings
+        self._index = SpellingIndex(self.spellings)
         self.subjects += [fact.subject for fact in requests]
         self.edited += requests
         bare = [subject_row(model, f.template, f.subject) for f in requests]
@@ -216,13 +272,14 @@ class SubjectMemoryEditor(HookedEditor):
         """(n, d_model) unit keys: the centred subject-token states over every context, averaged. A row whose
         subject starts the text is left out (position 0 is the attention sink, alike for every text)."""
         contexts = [context for group in templates for context in group]
-        keys = []
+        per_fact = []
         for fact in requests:
             rows = [subject_row(self.model, in_context(c, fact.template), fact.subject) for c in contexts]
-            rows = [r for r in rows if r.lookup > 0] or rows
-            states = self._unit(self._states([r.ids for r in rows], [r.lookup for r in rows]))
-            keys.append(torch.nn.functional.normalize(states.mean(0), dim=-1))
-        return torch.stack(keys).cpu()
+            per_fact.append([r for r in rows if r.lookup > 0] or rows)
+        flat = [row for rows in per_fact for row in rows]
+        states = self._unit(self._states([r.ids for r in flat], [r.lookup for r in flat]))
+        groups = torch.split(states, [len(rows) for rows in per_fact])
+        return torch.stack([torch.nn.functional.normalize(g.mean(0), dim=-1) for g in groups]).cpu()
 
     def _threshold(self, key: torch.Tensor, subject: str) -> float:
         states, owners = self._calibration
@@ -238,7 +295,7 @@ class SubjectMemoryEditor(HookedEditor):
         tensors = {"keys": self.keys.contiguous(), "deltas": self.deltas.contiguous(),
                    "centre": self.centre.detach().cpu().contiguous()}
         meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "thresholds": self.thresholds,
-                "subjects": self.subjects, "base_fingerprint": self.base_fingerprint,
+                "subjects": self.subjects, "spellings": [[list(s) for s in entry] for entry in self.spellings], "base_fingerprint": self.base_fingerprint,
                 "facts": [fact.to_counterfact() for fact in self.edited]}
         return save_tensors_atomic(path, tensors, FILE_KEY, meta)
 
@@ -253,5 +310,6 @@ class SubjectMemoryEditor(HookedEditor):
         editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
         editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
+        editor.spellings = [[tuple(s) for s in entry] for entry in meta["spellings"]]
         editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]
         return editor.attach(model) if model is not None else editor

@@ -133,7 +133,7 @@ def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(
     from tracing.facts import known_facts, one_per_subject
 
     facts = one_per_subject(known_facts())[:3]  # with locality prompts
-    rows = {protocol: run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, protocol, facts[:1])
+    rows = {protocol: run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, protocol, facts[:1])[-1]
             for protocol in ("after_all", "after_each")}
     from editing.evaluate import evaluate_accuracy, locality_predictions
 
@@ -227,5 +227,28 @@ def test_both_protocols_score_locality_on_the_same_unedited_prompts(tiny_llama):
     assert locality_pairs([first]) == [("The capital of France is", "Paris")]
     assert locality_pairs([first], [first, second]) == []  # France is edited in the run: left out
     for protocol in ("after_all", "after_each"):
-        row = run_stream(tiny_llama, "grace", CONFIGS["grace"], [first, second], 1, protocol, [first])
+        [row] = run_stream(tiny_llama, "grace", CONFIGS["grace"], [first, second], 1, protocol, [first])
         assert row["locality"] == 1.0  # only Spain is scored, and GRACE leaves it alone
+        # the held-out prompt names Germany, edited in the run: no prompt is left for the other-subjects column
+        assert row["n_unrelated_other_subjects"] == 0 and row["unrelated_other_subjects"] is None
+        assert row["n_locality_other_subjects"] == 1 and row["locality_other_subjects"] == 1.0
+
+
+def test_one_stream_checkpoints_score_as_separate_runs(tiny_llama):
+    """Scoring the first T facts on the way through a longer stream gives the row a run of T gives."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import run_stream
+
+    from tracing.facts import known_facts, one_per_subject
+
+    facts, held_out = one_per_subject(known_facts())[:4], one_per_subject(known_facts())[10:12]
+    stream = run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, "after_all", held_out, [2, 4])
+    alone = run_stream(tiny_llama, "grace", CONFIGS["grace"], facts[:2], 2, "after_all", held_out)[0]
+    assert [row["T"] for row in stream] == [2, 4]
+    for key in ("reliability", "generalization", "locality", "unrelated", "routed"):
+        assert stream[0][key] == alone[key], key
+    with pytest.raises(ValueError, match="between calls"):
+        run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, "after_all", held_out, [3, 4])

@@ -31,6 +31,7 @@ class ModelAdapter:
 
     # --- hook names -------------------------------------------------------------------------------
     embed = "embed.hook_out"  # token embeddings (before positional embeddings on GPT-2): where noise goes
+    token_ids = "embed.hook_in"  # the input token ids of a forward (editors that match text read them)
 
     @staticmethod
     def resid_in(layer: int) -> str:
