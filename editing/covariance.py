@@ -185,7 +185,8 @@ def write_packaged_corpus(model, corpus: CorpusConfig = CorpusConfig()) -> Path:
     return path
 
 
-def _stats_path(model, layer: int, corpus: CorpusConfig) -> Path:
+def stats_path(model, layer: int, corpus: CorpusConfig) -> Path:
+    """Where the cached statistics of ``layer`` over ``corpus`` are (or will be)."""
     return _stats_folder(model, corpus) / f"mlp_key_mom2_layer{layer}_{_length_name(corpus)}.safetensors"
 
 
@@ -209,7 +210,7 @@ def key_second_moments(model, layers: Iterable[int], corpus: CorpusConfig = Corp
     for layer in layers:
         if layer in result:
             continue
-        path = _stats_path(model, layer, corpus)
+        path = stats_path(model, layer, corpus)
         if path.is_file():
             stored = load_file(str(path))
             result[layer] = stored["mom2"] / stored["count"]
@@ -267,7 +268,7 @@ def measure_key_stats(model, layers: Sequence[int], corpus: CorpusConfig = Corpu
             info = StatsInfo(model_spec(model).name, layer, d_mlp, corpus_id(corpus), corpus.source, texts, tokens,
                              corpus.max_tokens, budget, str(sums[layer].dtype).removeprefix("torch."), model_dtype,
                              factlens=factlens_version())
-            save_key_stats(_stats_path(model, layer, corpus), sums[layer], info)
+            save_key_stats(stats_path(model, layer, corpus), sums[layer], info)
     barrier()  # the statistics are on disk before any rank lets its checkpoint go
     checkpoint.unlink(missing_ok=True)
     return {layer: sums[layer] / tokens for layer in layers}
