@@ -20,16 +20,6 @@ LAYERS = [1, 2]
 TRACE = TraceConfig(kinds=("mlp",), samples=3, show_progress=False)
 
 
-def write_corpus(folder) -> str:
-    """A small local text corpus whose texts have different lengths (so batches differ in width)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    words = "the of a city river king war music science land people year time north old".split()
-    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + (i * 5) % 17)) for i in range(45)]
-    (folder / "a.txt").write_text("\n\n".join(paragraphs[:30]))
-    (folder / "b.txt").write_text("\n\n".join(paragraphs[30:]))
-    return str(folder)
-
-
 def corpus_config(folder: str) -> CorpusConfig:
     # 45 texts, batches of 4: 12 batches (the last one short), 6 per rank; the budget cuts the stream
     return CorpusConfig(source=folder, samples=45, max_tokens=12, batch_size=4, token_budget=400)
@@ -54,8 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
-    corpus = write_corpus(tmp_path / "corpus")
+def test_two_processes_equal_one(tiny_llama, text_corpus, tmp_path, monkeypatch):
+    corpus = text_corpus
     out = str(tmp_path / "result.pt")
     # forked: the workers start with the test's imports and model (spawned ones import torch, transformers
     # and TransformerLens again, about 10 s each); each is still its own process in a gloo group
