@@ -205,7 +205,7 @@ def key_second_moments(model, layers: Iterable[int], corpus: CorpusConfig = Corp
     refused if they are of another model or of a layer not asked for), the disk cache, or one new pass
     (:func:`measure_key_stats`)."""
     layers = sorted(set(layers))
-    result = _from_files(model, layers, files)
+    result = load_key_stats_files(model, layers, files)
     missing = []
     for layer in layers:
         if layer in result:
@@ -221,7 +221,8 @@ def key_second_moments(model, layers: Iterable[int], corpus: CorpusConfig = Corp
     return result
 
 
-def _from_files(model, layers: list[int], files: Sequence[str | os.PathLike]) -> dict[int, torch.Tensor]:
+def load_key_stats_files(model, layers: Sequence[int], files: Sequence[str | os.PathLike]) -> dict[int, torch.Tensor]:
+    """C0 by layer from shared statistics files, each checked against the model and ``layers``."""
     found: dict[int, torch.Tensor] = {}
     for path in files:
         c0, info = load_key_stats(path, model_spec(model).name, layers, ModelAdapter.of(model).d_mlp)

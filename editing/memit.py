@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editing.contexts import context_templates as generated_contexts
-from editing.covariance import CorpusConfig, key_second_moments
+from editing.covariance import CorpusConfig, key_second_moments, load_key_stats_files
 from editing.prompts import PromptRow, in_context, subject_row
 from editing.requests import validate_requests
 from editing.targets import TargetConfig, compute_targets
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)
     with cli.user_errors(ValueError):  # layers out of range, requests that cannot be edited: before any work
-        config.resolved_layers(model)
+        load_key_stats_files(model, config.resolved_layers(model), config.key_stats)
         validate_requests(model, requests)
     before = evaluate_counterfact(model, requests, args.generation_cases)
     with cli.user_errors(ModelUnavailableError, ValueError):  # e.g. an hf: corpus without network
