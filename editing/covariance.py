@@ -11,25 +11,36 @@ k is the input of an MLP down-projection (one vector per token). MEMIT measures 
   ``"text"`` field, or a folder of ``.txt`` files;
 * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset's ``text`` column (needs network).
 
-Statistics are accumulated as a running sum of ``Kᵀ K`` per batch (memory: one d_mlp x d_mlp matrix per
-layer, never per token), in one forward pass for all requested layers that stops after the deepest one,
-and cached on disk per (model, layer, corpus, sample count, text length).
+Every corpus is streamed (texts read as they are needed), each text cut to ``max_tokens`` tokens, and the
+whole stopped at ``token_budget`` tokens if one is given. Statistics are accumulated as a running sum of
+``Kᵀ K`` per batch (memory: one d_mlp x d_mlp matrix per layer, never per token), in one forward pass for
+all requested layers that stops after the deepest one, with a progress bar and ETA, checkpointed every
+``checkpoint_every`` batches (:mod:`editing.stats_checkpoint`; a killed run resumes where it stopped),
+sharded over the ranks of a ``torch.distributed`` process group (``torchrun -m editing.key_stats``), and
+cached on disk per (model, layer, corpus, sample count, text length, token budget) in files that describe
+themselves (:mod:`editing.stats_file`), so they can be shared and loaded from a path.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from editing.stats_checkpoint import Progress, load_checkpoint, save_checkpoint
+from editing.stats_file import StatsInfo, StatsMismatchError, factlens_version, load_key_stats, save_key_stats
 from tracing.adapter import ModelAdapter
+from tracing.distributed import all_reduce_sum, barrier, world
 from tracing.io import atomic_path, write_json_atomic
 from tracing.models import ModelUnavailableError, cache_dir, model_spec
 from tracing.tokens import encode
@@ -44,13 +55,20 @@ OPENERS = (
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """Which text C0 is measured on, and how much of it."""
+    """Which text C0 is measured on, and how much of it.
+
+    ``samples`` texts at most, each cut to ``max_tokens`` tokens, and ``token_budget`` tokens in all (the
+    last text is cut to fit; None: no budget). ``checkpoint_every``: batches between checkpoints of the
+    partial sums (0: none), from which an interrupted measurement resumes.
+    """
 
     source: str = "model"
     samples: int = 1000
     max_tokens: int = 64
     seed: int = 0
     batch_size: int = 32
+    token_budget: int | None = None
+    checkpoint_every: int = 50
 
 
 def corpus_id(corpus: CorpusConfig) -> str:
@@ -69,17 +87,28 @@ def corpus_id(corpus: CorpusConfig) -> str:
 
 
 def corpus_texts(model, corpus: CorpusConfig, show_progress: bool = True) -> list[str]:
+    """The first ``corpus.samples`` texts of the corpus, as a list (see :func:`stream_texts`)."""
+    return list(stream_texts(model, corpus, show_progress))
+
+
+def stream_texts(model, corpus: CorpusConfig, show_progress: bool = True) -> Iterator[str]:
+    """The first ``corpus.samples`` texts of the corpus, read lazily: a folder or a Hugging Face dataset
+    is never held in memory whole. Sampled text is drawn once and cached (or read from the package)."""
     if corpus.source == "model":
-        return _sampled_texts(model, corpus, show_progress)
+        yield from _sampled_texts(model, corpus, show_progress)
+        return
     if corpus.source.startswith("hf:"):
-        return _hub_texts(corpus)
+        yield from _hub_texts(corpus)
+        return
     path = Path(corpus.source)
     if not path.exists():
         raise FileNotFoundError(f"corpus {corpus.source!r} is neither 'model', 'hf:<dataset>', nor an existing path")
-    texts = list(_local_texts(path))
-    if not texts:
+    empty = True
+    for text in itertools.islice(_local_texts(path), corpus.samples):
+        empty = False
+        yield text
+    if empty:
         raise ValueError(f"corpus {path} contains no text")
-    return texts[: corpus.samples]
 
 
 def _local_texts(path: Path) -> Iterable[str]:
@@ -95,19 +124,14 @@ def _local_texts(path: Path) -> Iterable[str]:
             yield from (p.strip() for p in paragraphs if p.strip())
 
 
-def _hub_texts(corpus: CorpusConfig) -> list[str]:
+def _hub_texts(corpus: CorpusConfig) -> Iterator[str]:
     name, _, config = corpus.source[3:].partition(":")
     try:
         from datasets import load_dataset
 
         stream = load_dataset(name, config or None, split="train", streaming=True)
-        texts = []
-        for record in stream:
-            if record.get("text", "").strip():
-                texts.append(record["text"])
-            if len(texts) >= corpus.samples:
-                break
-        return texts
+        texts = (record["text"] for record in stream if record.get("text", "").strip())
+        yield from itertools.islice(texts, corpus.samples)
     except Exception as error:  # datasets raises many types for network/offline failures
         raise ModelUnavailableError(
             f"could not stream the Hugging Face dataset {name!r} ({type(error).__name__}: {error}). "
@@ -161,42 +185,129 @@ def write_packaged_corpus(model, corpus: CorpusConfig = CorpusConfig()) -> Path:
     return path
 
 
-def _stats_path(model, layer: int, corpus: CorpusConfig) -> Path:
-    return (cache_dir() / "stats" / model_spec(model).name / corpus_id(corpus) /
-            f"mlp_key_mom2_layer{layer}_n{corpus.samples}_t{corpus.max_tokens}.safetensors")
+def stats_path(model, layer: int, corpus: CorpusConfig) -> Path:
+    """Where the cached statistics of ``layer`` over ``corpus`` are (or will be)."""
+    return _stats_folder(model, corpus) / f"mlp_key_mom2_layer{layer}_{_length_name(corpus)}.safetensors"
+
+
+def _stats_folder(model, corpus: CorpusConfig) -> Path:
+    return cache_dir() / "stats" / model_spec(model).name / corpus_id(corpus)
+
+
+def _length_name(corpus: CorpusConfig) -> str:
+    budget = f"_b{corpus.token_budget}" if corpus.token_budget is not None else ""
+    return f"n{corpus.samples}_t{corpus.max_tokens}{budget}"
 
 
 def key_second_moments(model, layers: Iterable[int], corpus: CorpusConfig = CorpusConfig(),
-                       show_progress: bool = True) -> dict[int, torch.Tensor]:
-    """C0 = E[k kᵀ] (float32, d_mlp x d_mlp) for each layer, from the disk cache or one new pass."""
+                       show_progress: bool = True, files: Sequence[str | os.PathLike] = ()) -> dict[int, torch.Tensor]:
+    """C0 = E[k kᵀ] (float32, d_mlp x d_mlp) for each layer: from ``files`` (shared statistics files,
+    refused if they are of another model or of a layer not asked for), the disk cache, or one new pass
+    (:func:`measure_key_stats`)."""
     layers = sorted(set(layers))
-    result: dict[int, torch.Tensor] = {}
+    result = load_key_stats_files(model, layers, files)
     missing = []
     for layer in layers:
-        path = _stats_path(model, layer, corpus)
+        if layer in result:
+            continue
+        path = stats_path(model, layer, corpus)
         if path.is_file():
             stored = load_file(str(path))
             result[layer] = stored["mom2"] / stored["count"]
         else:
             missing.append(layer)
     if missing:
-        texts = corpus_texts(model, corpus, show_progress)
-        sums, count = _accumulate(model, missing, texts, corpus, show_progress)
-        for layer in missing:
-            with atomic_path(_stats_path(model, layer, corpus)) as tmp:
-                save_file({"mom2": sums[layer], "count": torch.tensor(float(count))}, str(tmp))
-            result[layer] = sums[layer] / count
+        result.update(measure_key_stats(model, missing, corpus, show_progress))
     return result
 
 
+def load_key_stats_files(model, layers: Sequence[int], files: Sequence[str | os.PathLike]) -> dict[int, torch.Tensor]:
+    """C0 by layer from shared statistics files, each checked against the model and ``layers``."""
+    found: dict[int, torch.Tensor] = {}
+    for path in files:
+        c0, info = load_key_stats(path, model_spec(model).name, layers, ModelAdapter.of(model).d_mlp)
+        if info.layer in found:
+            raise StatsMismatchError(f"two statistics files for layer {info.layer} (the second is '{path}')")
+        found[info.layer] = c0
+    return found
+
+
+def measure_key_stats(model, layers: Sequence[int], corpus: CorpusConfig = CorpusConfig(),
+                      show_progress: bool = True) -> dict[int, torch.Tensor]:
+    """Measure C0 for ``layers`` in one pass over the corpus stream and cache it (self-describing files,
+    :mod:`editing.stats_file`).
+
+    Under ``torch.distributed`` rank r sums the batches r, r + world, ...; the sums and counts are
+    all-reduced, so every rank returns C0 of the whole corpus (equal to one process's up to float32
+    rounding of the order of addition), and rank 0 writes the files. Every ``corpus.checkpoint_every``
+    batches each rank saves its partial sums; a run of the same measurement resumes from them."""
+    layers = sorted(set(layers))
+    current = world()
+    run = {"model": model_spec(model).name, "layers": layers, "corpus": corpus_id(corpus),
+           "samples": corpus.samples, "max_tokens": corpus.max_tokens, "token_budget": corpus.token_budget,
+           "batch_size": corpus.batch_size, "rank": current.rank, "world": current.size}
+    checkpoint = _stats_folder(model, corpus) / (
+        f"checkpoint_layers{'-'.join(map(str, layers))}_{_length_name(corpus)}_bs{corpus.batch_size}"
+        f"_rank{current.rank}of{current.size}.safetensors")
+    d_mlp = ModelAdapter.of(model).d_mlp
+    progress = load_checkpoint(checkpoint, run) or Progress({layer: torch.zeros(d_mlp, d_mlp) for layer in layers})
+    batches = token_batches(model, stream_texts(model, corpus, show_progress), corpus)
+    budget = corpus.token_budget
+    unit, total = ("token", min(budget, corpus.samples * corpus.max_tokens)) if budget else ("text", corpus.samples)
+    with tqdm(total=math.ceil(total / current.size), initial=progress.tokens if budget else progress.texts,
+              unit=unit, desc="key statistics", disable=not (show_progress and current.is_main),
+              leave=False) as bar:
+        save = (lambda p: save_checkpoint(checkpoint, p, run)) if corpus.checkpoint_every else None
+        progress = _accumulate(model, layers, batches, corpus, progress, save, bar)
+    sums = {layer: all_reduce_sum(progress.sums[layer]) for layer in layers}
+    tokens, texts = (int(n) for n in all_reduce_sum(torch.tensor([progress.tokens, progress.texts])))
+    if tokens == 0:
+        raise ValueError("the corpus produced no tokens")
+    if current.is_main:
+        model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        for layer in layers:
+            info = StatsInfo(model_spec(model).name, layer, d_mlp, corpus_id(corpus), corpus.source, texts, tokens,
+                             corpus.max_tokens, budget, str(sums[layer].dtype).removeprefix("torch."), model_dtype,
+                             factlens=factlens_version())
+            save_key_stats(stats_path(model, layer, corpus), sums[layer], info)
+    barrier()  # the statistics are on disk before any rank lets its checkpoint go
+    checkpoint.unlink(missing_ok=True)
+    return {layer: sums[layer] / tokens for layer in layers}
+
+
+def token_batches(model, texts: Iterable[str], corpus: CorpusConfig) -> Iterator[list[list[int]]]:
+    """Token ids of ``texts`` in batches of ``corpus.batch_size``: each text cut to ``max_tokens``, texts
+    without tokens left out, and the stream stopped (its last text cut) at ``token_budget`` tokens."""
+    budget = corpus.token_budget
+    used = 0
+    batch: list[list[int]] = []
+    for text in texts:
+        ids = encode(model, text)[: corpus.max_tokens]
+        if budget is not None:
+            ids = ids[: budget - used]
+        if not ids:
+            continue
+        used += len(ids)
+        batch.append(ids)
+        if len(batch) == corpus.batch_size:
+            yield batch
+            batch = []
+        if budget is not None and used >= budget:
+            break
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
-def _accumulate(model, layers: list[int], texts: list[str], corpus: CorpusConfig,
-                show_progress: bool) -> tuple[dict[int, torch.Tensor], int]:
+def _accumulate(model, layers: list[int], batches: Iterable[list[list[int]]], corpus: CorpusConfig,
+                progress: Progress, save: Callable[[Progress], None] | None, bar) -> Progress:
+    """Add Kᵀ K of this rank's batches after ``progress.next_batch`` to ``progress.sums``; ``save`` it every
+    ``corpus.checkpoint_every`` batches."""
     adapter = ModelAdapter.of(model)
     device = next(model.parameters()).device
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    sums = {layer: torch.zeros(adapter.d_mlp, adapter.d_mlp, device=device) for layer in layers}
-    count = 0
+    sums = {layer: progress.sums[layer].to(device) for layer in layers}
+    current = world()
     valid: torch.Tensor | None = None
 
     def accumulator(layer: int):
@@ -206,16 +317,22 @@ def _accumulate(model, layers: list[int], texts: list[str], corpus: CorpusConfig
         return accumulate
 
     hooks = [(adapter.mlp_key(layer), accumulator(layer)) for layer in layers]
-    encoded = [ids[: corpus.max_tokens] for ids in (encode(model, t) for t in texts) if ids]
-    batches = range(0, len(encoded), corpus.batch_size)
-    for start in tqdm(batches, desc="key statistics", disable=not show_progress, leave=False):
-        batch = encoded[start: start + corpus.batch_size]
+    for index, batch in enumerate(batches):
+        if index < progress.next_batch or index % current.size != current.rank:
+            continue  # summed before an interruption, or another rank's
         width = max(len(ids) for ids in batch)
         tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
         valid = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in batch], device=device)
         # right padding: real tokens never attend to the pads after them, so no attention mask is needed
         model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=max(layers) + 1)
-        count += int(valid.sum())
-    if count == 0:
-        raise ValueError("the corpus produced no tokens")
-    return {layer: s.cpu() for layer, s in sums.items()}, count
+        n_tokens = int(valid.sum())
+        progress.tokens += n_tokens
+        progress.texts += len(batch)
+        progress.next_batch = index + 1
+        progress.batches_done += 1
+        bar.update(n_tokens if corpus.token_budget else len(batch))
+        if save is not None and progress.batches_done % corpus.checkpoint_every == 0:
+            progress.sums = {layer: s.cpu() for layer, s in sums.items()}
+            save(progress)
+    progress.sums = {layer: s.cpu() for layer, s in sums.items()}
+    return progress

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editing.contexts import context_templates as generated_contexts
-from editing.covariance import CorpusConfig, key_second_moments
+from editing.covariance import CorpusConfig, key_second_moments, load_key_stats_files
 from editing.prompts import PromptRow, in_context, subject_row
 from editing.requests import validate_requests
 from editing.targets import TargetConfig, compute_targets
@@ -62,6 +62,7 @@ class MemitConfig:
     context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # tokens of each generated context, prefix included
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    key_stats: tuple[str, ...] = ()  # shared C0 files (editing.stats_file), used before the cache or the corpus
     seed: int = 0
     show_progress: bool = True
 
@@ -165,7 +166,8 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
     layers = layer_set.layers
     mom2_weight = config.resolved_mom2_weight(model)
     adapter = ModelAdapter.of(model)
-    mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress)
+    mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress,
+                              files=config.key_stats)
     templates = context_templates(model, config)
     z_layer = layers[-1]
     zs = compute_targets(model, requests, z_layer, templates, config.targets, config.show_progress)
@@ -219,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_device(args.device)
     requests = spread(one_per_subject(cli.facts_from(args.facts)), args.n_edits)
     config = MemitConfig(layers=args.layers, mom2_weight=args.mom2_weight,
-                         corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples))
+                         corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples,
+                                             token_budget=args.corpus_tokens),
+                         key_stats=tuple(str(path) for path in args.key_stats))
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)
     with cli.user_errors(ValueError):  # layers out of range, requests that cannot be edited: before any work
-        config.resolved_layers(model)
+        load_key_stats_files(model, config.resolved_layers(model), config.key_stats)
         validate_requests(model, requests)
     before = evaluate_counterfact(model, requests, args.generation_cases)
     with cli.user_errors(ModelUnavailableError, ValueError):  # e.g. an hf: corpus without network

@@ -46,6 +46,18 @@ def embedded():
     return _cached("smollm2")
 
 
+@pytest.fixture
+def text_corpus(tmp_path) -> str:
+    """A local C0 corpus folder: 45 texts of 3-19 words in two files (batches differ in width)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = "the of a city river king war music science land people year time north old".split()
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + (i * 5) % 17)) for i in range(45)]
+    (folder / "a.txt").write_text("\n\n".join(paragraphs[:30]))
+    (folder / "b.txt").write_text("\n\n".join(paragraphs[30:]))
+    return str(folder)
+
+
 def weights_digest(model) -> str:
     """sha256 of every tensor of the model's state, in name order: equal digests, bit-identical weights."""
     import hashlib

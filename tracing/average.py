@@ -11,13 +11,14 @@ indirect effect (AIE) is the mean restored probability minus the mean corrupted 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from tracing.causal_trace import FactTrace, TraceConfig, trace_fact
+from tracing.distributed import gather_shards, shard, world
 from tracing.facts import Fact
 
 TOKEN_ROLES = (
@@ -102,12 +103,16 @@ def average_indirect_effect(traces: Iterable[FactTrace], kind: str, only_correct
 
 
 def trace_facts(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig()) -> list[FactTrace]:
-    """Trace many facts (one progress bar over facts; per-fact bars are turned off)."""
-    from dataclasses import replace
+    """Trace many facts (one progress bar over facts; per-fact bars are turned off).
 
+    Under ``torch.distributed`` each rank traces its shard of the facts and every rank gets all traces
+    back, in the order of ``facts``; each fact's noise depends on its own seed only, so the traces are
+    the single-process ones."""
     quiet = replace(config, show_progress=False)
-    return [trace_fact(model, fact, config=quiet)
-            for fact in tqdm(facts, desc="tracing facts", unit="fact", disable=not config.show_progress)]
+    show = config.show_progress and world().is_main
+    local = [trace_fact(model, fact, config=quiet)
+             for fact in tqdm(shard(facts), desc="tracing facts", unit="fact", disable=not show)]
+    return gather_shards(local)
 
 
 @dataclass(frozen=True)

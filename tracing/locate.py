@@ -2,12 +2,17 @@
 
     python -m tracing.locate                     # embedded model, 40 known facts, MLP kind
     python -m tracing.locate gpt2-xl --facts 200 --kinds all --figures out/
+    torchrun --nproc-per-node 4 -m tracing.locate --facts 400   # facts sharded over 4 processes
 
 ``locate()`` returns the chosen layers as a value (``result.layer_set``) that MEMIT takes directly; the
 command line also writes them to the cache (``<cache>/critical_layers/<model>.json``), where
 :func:`~tracing.layer_set.critical_layers_for` finds them as MEMIT's default layers. The result for
 the embedded model also ships with the package (``tracing/data/critical_layers_smollm2.json``), so a
 fresh install edits the layers tracing found without re-running it.
+
+Under ``torchrun`` every process loads the model and traces its shard of the facts; the traces are
+gathered (:func:`tracing.average.trace_facts`), so every rank holds the single-process result, and rank 0
+alone prints and writes it.
 """
 
 from __future__ import annotations
@@ -59,21 +64,26 @@ def locate(model, facts: list[Fact], config: TraceConfig = TraceConfig(kinds=("m
 def main(argv: list[str] | None = None) -> int:
     from tracing import cli
     from tracing.adapter import ModelAdapter
+    from tracing.distributed import init_from_environment, local_device
     from tracing.models import load_model
 
     args = cli.locate_parser().parse_args(argv)
     cli.check_model_name(args.model)
     cli.check_device(args.device)
     facts = cli.facts_from(args.facts_file)
-    config = TraceConfig(kinds=args.kinds, samples=args.samples)
+    current = init_from_environment()
+    config = TraceConfig(kinds=args.kinds, samples=args.samples, show_progress=current.is_main)
+    device = args.device or (local_device() if current.size > 1 else None)
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=device)
     n_layers = ModelAdapter.of(model).n_layers
     if args.size is not None and args.size > n_layers:
         cli.fail(f"argument --size: {args.size} critical layers asked for, but {args.model} has {n_layers} layers")
     size = args.size or min(5, n_layers)
     with cli.user_errors(ValueError):  # e.g. the model gets none of the facts right
         result = locate(model, spread(facts, args.facts), config, size, args.method, not args.include_wrong)
+    if not current.is_main:
+        return 0
 
     name = model_spec(model).name
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")
