@@ -1,0 +1,98 @@
+"""The subject memory's gate: an entry answers where a spelling of its subject ends (and its key matches),
+never on another subject that merely shares a token; the state gate alone cannot tell those apart."""
+
+import torch
+
+from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
+from editing.subject_spellings import SpellingIndex, subject_spellings
+from tracing.causal_trace import TraceConfig, choose_engine
+from tracing.facts import Fact
+from tracing.tokens import encode
+
+SAN_DIEGO = Fact("San Diego", "{} is a city in the state of", "California", "Texas")
+ON_SUBJECT = "The mayor of San Diego lives in the state of"
+SHARED_TOKEN = "The mother tongue of Diego Maradona is"  # " Diego" ends San Diego's spelling too
+ELSEWHERE = "The weather today is"
+
+
+def test_spellings_are_found_where_they_end_and_only_whole():
+    index = SpellingIndex([[(5, 6)], [(6,)], [(5, 6), (7, 5, 6)]])
+    rows, positions, entries = index.matches([[1, 5, 6, 2], [6, 6], [7, 5, 6]])
+    found = sorted(zip(rows, positions, entries))
+    assert found == [(0, 2, 0), (0, 2, 1), (0, 2, 2), (1, 0, 1), (1, 1, 1),
+                     (2, 2, 0), (2, 2, 1), (2, 2, 2)]  # (2, 2, 2) once, though two of its spellings end there
+    assert index.matches([[6, 5], []]) == ([0], [0], [1])
+
+
+def test_a_subject_is_spelled_as_in_its_prompt_alone_and_after_a_space(tiny_llama):
+    spellings = subject_spellings(tiny_llama, SAN_DIEGO, ["Some text. {}"])
+    tokenizer = tiny_llama.tokenizer
+    assert {tokenizer.decode(s).strip() for s in spellings} == {"San Diego"}
+    assert tuple(tokenizer("San Diego", add_special_tokens=False)["input_ids"]) in spellings
+    assert tuple(tokenizer(" San Diego", add_special_tokens=False)["input_ids"]) in spellings
+    assert len(spellings) == len(set(spellings))
+
+
+def _last_logits(model, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([encode(model, prompt)]))[0, -1]
+
+
+def test_the_subject_gate_answers_on_the_subject_and_not_on_a_shared_token(tiny_llama):
+    last_token = tiny_llama.tokenizer(" San Diego", add_special_tokens=False)["input_ids"][-1]
+    assert last_token in encode(tiny_llama, SHARED_TOKEN)  # the shared token is really there
+    before = {p: _last_logits(tiny_llama, p) for p in (ON_SUBJECT, SHARED_TOKEN, ELSEWHERE)}
+    # similarity -1: every key matches every state, so only the spelling decides
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        assert choose_engine(tiny_llama, TraceConfig())[0] == "reference"  # the gate reads earlier tokens
+        after = {p: _last_logits(tiny_llama, p) for p in before}
+        assert (after[ON_SUBJECT] - before[ON_SUBJECT]).abs().max() > 1e-3
+        assert torch.equal(after[SHARED_TOKEN], before[SHARED_TOKEN])
+        assert torch.equal(after[ELSEWHERE], before[ELSEWHERE])
+        assert editor.route([ON_SUBJECT, SHARED_TOKEN])[0].memory == 0
+        assert editor.route([ON_SUBJECT, SHARED_TOKEN])[1].memory is None
+    finally:
+        editor.undo()
+    assert choose_engine(tiny_llama, TraceConfig())[0] == "fast"
+    assert torch.equal(_last_logits(tiny_llama, ON_SUBJECT), before[ON_SUBJECT])
+
+
+def test_the_state_gate_alone_answers_wherever_a_key_matches(tiny_llama):
+    before = _last_logits(tiny_llama, SHARED_TOKEN)
+    config = SubjectMemoryConfig(layer=2, calibration=0, context_prefixes=(), match="state", similarity=-1.0)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        assert choose_engine(tiny_llama, TraceConfig())[0] == "fast"  # position by position: suffixes stay exact
+        assert (_last_logits(tiny_llama, SHARED_TOKEN) - before).abs().max() > 1e-3
+    finally:
+        editor.undo()
+
+
+def test_saved_spellings_come_back(tiny_llama, tmp_path):
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        path = editor.save(tmp_path / "memory.safetensors")
+        expected = _last_logits(tiny_llama, ON_SUBJECT)
+    finally:
+        editor.undo()
+    loaded = SubjectMemoryEditor.load(path, tiny_llama)
+    try:
+        assert loaded.spellings == editor.spellings
+        assert torch.equal(_last_logits(tiny_llama, ON_SUBJECT), expected)
+        assert torch.equal(_last_logits(tiny_llama, SHARED_TOKEN), _last_logits_unedited(tiny_llama, loaded))
+    finally:
+        loaded.undo()
+
+
+def _last_logits_unedited(model, editor) -> torch.Tensor:
+    editor.detach()
+    try:
+        return _last_logits(model, SHARED_TOKEN)
+    finally:
+        editor.attach(model)
