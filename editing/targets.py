@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -147,11 +147,17 @@ class _Group:
 
 def compute_targets(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
                     config: TargetConfig = TargetConfig(), show_progress: bool = True) -> torch.Tensor:
-    """(n, d_model) target vectors z = z0 + δ for the residual stream after ``layer``."""
+    """(n, d_model) target vectors z = z0 + δ for the residual stream after ``layer``. The progress bar
+    counts optimisation steps (a batch that stops early skips its remaining ones), so it has an ETA even
+    for a single batch."""
     targets = []
-    batches = range(0, len(requests), config.batch_requests)
-    for start in tqdm(batches, desc="target vectors", disable=not show_progress, leave=False):
-        targets.append(_optimise(model, requests[start: start + config.batch_requests], layer, templates, config))
+    starts = range(0, len(requests), config.batch_requests)
+    with tqdm(total=len(starts) * config.steps, desc="target vectors", unit="step", disable=not show_progress,
+              leave=False) as bar:
+        for start in starts:
+            batch = requests[start: start + config.batch_requests]
+            targets.append(_optimise(model, batch, layer, templates, config, bar.update))
+            bar.update((len(targets) * config.steps) - bar.n)  # the steps an early stop skipped
     return torch.cat(targets)
 
 
@@ -169,13 +175,13 @@ def frozen_weights(model):
 
 
 def _optimise(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
-              config: TargetConfig) -> torch.Tensor:
+              config: TargetConfig, step_done: Callable[[int], object] = lambda n: None) -> torch.Tensor:
     with frozen_weights(model):
-        return _optimise_frozen(model, requests, layer, templates, config)
+        return _optimise_frozen(model, requests, layer, templates, config, step_done)
 
 
 def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
-                     config: TargetConfig) -> torch.Tensor:
+                     config: TargetConfig, step_done: Callable[[int], object]) -> torch.Tensor:
     rows, bare = _rows_for(model, requests, templates)
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
@@ -194,6 +200,8 @@ def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: lis
     kl_init: torch.Tensor | None = None
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(config.steps):
+        if step:
+            step_done(1)
         optimizer.zero_grad()
         nll = torch.zeros(n, device=device)
         kl_log_probs = None
