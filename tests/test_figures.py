@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from figures import edit_then_trace, locate_layers, memit_scaling, trace_eiffel
+from figures import edit_then_trace, lifelong, locate_layers, memit_scaling, trace_eiffel
 
 
 def read_image(path) -> np.ndarray:
@@ -70,3 +70,26 @@ def test_memit_scaling_figure(tmp_path):
     out = tmp_path / "scaling.png"
     memit_scaling.main(["--results", str(results), "--out", str(out)])
     read_image(out)
+
+
+def test_lifelong_figure_draws_one_line_per_method_measured_one_way(tmp_path, capsys):
+    def row(method, t, rel, protocol="after_all", batch=10, config=None):
+        return {"method": method, "T": t, "batch": batch, "protocol": protocol, "reliability": rel,
+                "generalization": rel - 0.1, "locality": 0.9, "unrelated": 0.95, "config": config or {}}
+
+    rows = [row("wise", 10, 0.6), row("wise", 100, 0.1), row("wise", 100, 0.2),  # the later row wins
+            row("subject-memory", 10, 0.95), row("subject-memory", 1000, 0.9),
+            row("memit", 10, 1.0, protocol="after_each"), row("grace", 10, 0.5, batch=1),
+            row("wise", 10, 0.7, config={"save_freq": 10})]
+    results = tmp_path / "lifelong.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = lifelong.series(rows, "after_all", 10)
+    assert set(lines) == {"wise", "subject-memory", "wise (save_freq=10)"}
+    assert lines["wise"][100]["reliability"] == 0.2 and sorted(lines["subject-memory"]) == [10, 1000]
+    out = tmp_path / "lifelong.png"
+    lifelong.main(["--results", str(results), "--out", str(out)])
+    height, width = read_image(out).shape[:2]
+    assert width > 2.5 * height  # four panels side by side
+    with pytest.raises(SystemExit) as exit:
+        lifelong.main(["--results", str(results), "--out", str(out), "--batch", "7"])
+    assert exit.value.code == 2 and "no rows" in capsys.readouterr().err
