@@ -101,7 +101,8 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
         raise ValueError("intermediate checkpoints are scored after_all only")
     calls = batches(facts, batch)
     # the unedited model's answers, recorded before the first edit, on the prompts each score reads
-    baselines = [locality_predictions(model, call, facts) for call in calls]
+    baselines = ([locality_predictions(model, call, facts) for call in calls] if protocol == "after_each"
+                 else [None] * len(calls))
     prefix = {t: _unedited(model, facts[:t], held_out) for t in checkpoints}
     editor = create_editor(name, model, config)
     per_call, seconds, rows, edited = [], 0.0, [], 0
