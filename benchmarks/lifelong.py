@@ -73,11 +73,17 @@ def default_config(name: str, overrides: dict[str, Any]):
     return config_class(**{**defaults, **overrides})
 
 
-def routed_share(editor, facts: Sequence) -> float | None:
-    """Share of the edit prompts that reach a memory (None for methods that do not route)."""
+def routing_shares(model, editor, facts: Sequence) -> dict[str, float | None]:
+    """Share of the edit prompts that reach a memory, and that reach one *and* are answered (every target
+    token the argmax under teacher forcing); None for methods that do not route."""
+    from editing.evaluate import read_continuations
+
     if not editor.routes:
-        return None
-    return sum(r.memory is not None for r in editor.route([f.prompt for f in facts])) / len(facts)
+        return {"routed": None, "routed_and_answered": None}
+    routed = [r.memory is not None for r in editor.route([f.prompt for f in facts])]
+    answered = [c.accuracy == 1.0 for c in read_continuations(model, [(f.prompt, f.target_new) for f in facts])]
+    return {"routed": sum(routed) / len(facts),
+            "routed_and_answered": sum(r and a for r, a in zip(routed, answered)) / len(facts)}
 
 
 def names_any(prompt: str, subjects: Sequence[str]) -> bool:
@@ -125,7 +131,7 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
                          "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],
                          "n_locality_other_subjects": len(unedited["other_subjects"]["locality"][0]),
                          "n_unrelated_other_subjects": len(unedited["other_subjects"]["unrelated"][0]),
-                         "routed": routed_share(editor, scored), "s_per_edit": seconds / edited, "T": edited})
+                         **routing_shares(model, editor, scored), "s_per_edit": seconds / edited, "T": edited})
     finally:
         editor.undo()
     return rows

@@ -141,6 +141,7 @@ def test_the_lifelong_benchmark_runs_any_registered_method_under_both_protocols(
     for row in rows.values():
         assert row["reliability"] > unedited.reliability + 0.3  # the codebook answers its own edit prompts
         assert 0.0 <= row["locality"] <= 1.0 and row["routed"] == 1.0 and row["s_per_edit"] > 0
+        assert 0.0 < row["routed_and_answered"] <= row["routed"]
     assert weights_digest(tiny_llama) == weights
 
 
