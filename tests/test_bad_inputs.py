@@ -24,7 +24,7 @@ import torch
 import tracing.models as models
 from editing.memit import MemitConfig, apply_memit
 from editing.requests import EditRequestError, validate_requests
-from tracing.causal_trace import FactTrace, TraceConfig, trace_prompt
+from tracing.causal_trace import FactTrace, TraceConfig, trace_fact, trace_prompt
 from tracing.facts import Fact, fact_from_prompt, load_facts
 from tracing.models import UnknownModelError, load_model
 from tracing.tokens import SubjectNotFoundError
@@ -44,6 +44,7 @@ INPUTS = {  # written into the test's folder before each case; {tmp} in an argum
     "empty.json": "[]",
     "other.json": json.dumps([{"question": "?"}]),
     "same_target.json": json.dumps([SAME_TARGET.to_counterfact()]),
+    "no_target_new.json": json.dumps([dataclasses.replace(GERMANY, target_new=None).to_counterfact()]),
     "results.json": json.dumps({"not": "a list"}),
     "trace.npz": "not an npz archive",
 }
@@ -87,6 +88,30 @@ CLI_CASES = [
     ("heatmap-file-not-a-model", "tracing.heatmap", ["{tmp}/afile.txt"], "is a file, not a model folder", False),
     ("heatmap-multi-token-answer", "tracing.heatmap", ["tiny-llama", "--answer", "zzqxj"],
      "--allow-multi-token-answer", True),
+    # tracing.heatmap: how the trace is made
+    ("heatmap-method", "tracing.heatmap", ["tiny-llama", "--method", "gradient"], "argument --method: invalid choice",
+     False),
+    ("heatmap-corruption", "tracing.heatmap", ["tiny-llama", "--corruption", "blur"],
+     "argument --corruption: invalid choice", False),
+    ("heatmap-metric", "tracing.heatmap", ["tiny-llama", "--metric", "rank"], "argument --metric: invalid choice",
+     False),
+    ("heatmap-direction", "tracing.heatmap", ["tiny-llama", "--direction", "sideways"],
+     "argument --direction: invalid choice", False),
+    ("heatmap-logit-diff-without-counterfactual", "tracing.heatmap", ["tiny-llama", "--metric", "logit_diff"],
+     "--metric logit_diff needs --counterfactual", False),
+    ("heatmap-counterfactual-without-logit-diff", "tracing.heatmap", ["tiny-llama", "--counterfactual", "Rome"],
+     "--counterfactual is only used with --metric logit_diff", False),
+    ("heatmap-counterfactual-is-answer", "tracing.heatmap",
+     ["tiny-llama", "--metric", "logit_diff", "--answer", "Paris", "--counterfactual", " Paris"],
+     "--counterfactual ' Paris' is the traced --answer", False),
+    ("heatmap-noise-with-symmetric", "tracing.heatmap", ["tiny-llama", "--corruption", "symmetric", "--noise", "1"],
+     "--noise sets the Gaussian noise; it has no meaning with --corruption symmetric", False),
+    ("heatmap-counterfactual-same-token", "tracing.heatmap",
+     ["tiny-llama", "--metric", "logit_diff", "--answer", "Paris", "--counterfactual", "Paris Hilton",
+      "--allow-multi-token-answer"], "starts with the same token", True),
+    ("heatmap-symmetric-no-subject", "tracing.heatmap",
+     ["tiny-llama", "--corruption", "symmetric", "--prompt", "Xqzt Vbnm Plkj Wert Zzyx is in", "--subject",
+      "Xqzt Vbnm Plkj Wert Zzyx"], "corruption 'symmetric': no subject of the bundled known facts takes the same", True),
     # tracing.locate
     ("locate-facts-0", "tracing.locate", ["tiny-llama", "--facts", "0"], "--facts: must be >= 1", False),
     ("locate-samples-0", "tracing.locate", ["tiny-llama", "--samples", "0"], "--samples: must be >= 1", False),
@@ -108,6 +133,13 @@ CLI_CASES = [
      "is a file, not a folder", False),
     ("locate-missing-model-folder", "tracing.locate", ["./no-such-folder/model"], "does not exist", False),
     ("locate-size-above-layers", "tracing.locate", ["tiny-llama", "--size", "9"], "has 4 layers", True),
+    ("locate-trace-method", "tracing.locate", ["tiny-llama", "--trace-method", "fast"],
+     "argument --trace-method: invalid choice", False),
+    ("locate-corruption", "tracing.locate", ["tiny-llama", "--corruption", "blur"], "invalid choice", False),
+    ("locate-metric", "tracing.locate", ["tiny-llama", "--metric", "rank"], "invalid choice", False),
+    ("locate-logit-diff-without-target-new", "tracing.locate",
+     ["tiny-llama", "--metric", "logit_diff", "--facts-file", "{tmp}/no_target_new.json"],
+     "--metric logit_diff compares against each fact's target_new, and 1 fact(s) have none (first: 'Germany')", False),
     # editing.memit
     ("memit-n-0", "editing.memit", ["tiny-llama", "-n", "0"], "--n-edits: must be >= 1", False),
     ("memit-layers-words", "editing.memit", ["tiny-llama", "--layers", "one,two"], "comma-separated layer numbers",
@@ -245,6 +277,31 @@ API_CASES = [
     ("config-noise", lambda m, tmp: TraceConfig(noise=-0.5), ValueError, "noise must be >= 0"),
     ("config-kinds", lambda m, tmp: TraceConfig(kinds=("neurons",)), ValueError, "kinds must be"),
     ("config-engine", lambda m, tmp: TraceConfig(engine="slow"), ValueError, "engine must be one of"),
+    ("config-method", lambda m, tmp: TraceConfig(method="gradient"), ValueError,
+     "unknown method 'gradient'; expected one of ('exact', 'atp')"),
+    ("config-corruption", lambda m, tmp: TraceConfig(corruption="blur"), ValueError,
+     "unknown corruption 'blur'; expected one of ('gaussian', 'symmetric')"),
+    ("config-metric", lambda m, tmp: TraceConfig(metric="rank"), ValueError,
+     "unknown metric 'rank'; expected one of ('prob', 'logit_diff')"),
+    ("config-direction", lambda m, tmp: TraceConfig(direction="sideways"), ValueError,
+     "unknown direction 'sideways'; expected one of ('denoising', 'noising')"),
+    ("trace-logit-diff-without-counterfactual",
+     lambda m, tmp: trace_prompt(m, PROMPT, "Eiffel Tower", config=TraceConfig(metric="logit_diff")), ValueError,
+     "metric 'logit_diff' needs a counterfactual answer"),
+    ("trace-counterfactual-with-prob",
+     lambda m, tmp: trace_prompt(m, PROMPT, "Eiffel Tower", counterfactual="Rome"), ValueError,
+     "a counterfactual answer ('Rome') is only used with metric 'logit_diff', not 'prob'"),
+    ("trace-counterfactual-is-answer",
+     lambda m, tmp: trace_prompt(m, PROMPT, "Eiffel Tower", answer="Paris", counterfactual="Paris ",
+                                 config=TraceConfig(metric="logit_diff")), ValueError,
+     "the counterfactual answer 'Paris ' is the traced answer 'Paris'"),
+    ("trace-fact-logit-diff-without-target-new",
+     lambda m, tmp: trace_fact(m, dataclasses.replace(GERMANY, target_new=None), config=TraceConfig(metric="logit_diff")),
+     ValueError, "fact 'Germany' has no target_new"),
+    ("trace-symmetric-no-subject",
+     lambda m, tmp: trace_prompt(m, "Xqzt Vbnm Plkj Wert Zzyx is in", "Xqzt Vbnm Plkj Wert Zzyx",
+                                 config=TraceConfig(corruption="symmetric")), ValueError,
+     "corruption 'symmetric': no subject of the bundled known facts takes the same 14 token(s)"),
     ("requests-none", lambda m, tmp: validate_requests(m, []), EditRequestError, "no edit requests"),
     ("requests-empty-target", lambda m, tmp: validate_requests(m, [dataclasses.replace(GERMANY, target_new=" ")]),
      EditRequestError, "request 0 ('Germany'): empty target_new ' '"),
@@ -291,6 +348,10 @@ def test_the_command_line_constants_agree_with_the_library():
     assert cli.DEFAULT_MODEL == models.EMBEDDED_MODEL
     assert cli.KINDS == adapter.KINDS
     assert cli.SELECTION_METHODS == average.SELECTION_METHODS
+    from tracing import attribution, causal_trace, corruption, metrics
+
+    assert cli.TRACE_METHODS == causal_trace.METHODS and cli.CORRUPTIONS == corruption.CORRUPTIONS
+    assert cli.METRICS == metrics.METRICS and cli.DIRECTIONS == attribution.DIRECTIONS
 
 
 HELP_WITHOUT_TORCH = """

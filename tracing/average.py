@@ -78,6 +78,8 @@ class AverageEffect:
 def average_indirect_effect(traces: Iterable[FactTrace], kind: str, only_correct: bool = True) -> AverageEffect:
     """Average ``kind``'s traces by token role; facts the model gets wrong are skipped (as ROME)."""
     kept = [t for t in traces if kind in t.scores and (t.correct or not only_correct)]
+    if any(t.direction == "noising" for t in kept):
+        raise ValueError("average indirect effects are defined on denoising traces (ROME's), not noising ones")
     if not kept:
         raise ValueError(f"no traces with kind {kind!r}" + (" that the model predicts correctly" if only_correct else ""))
     n_layers = kept[0].n_layers

@@ -1,5 +1,11 @@
 """Causal tracing of one fact: corrupt the subject, restore one state at a time, read p(answer).
 
+How is a config value (:class:`TraceConfig`): ``method`` exact (ROME) or ``atp`` (attribution patching,
+:mod:`tracing.attribution`), ``corruption`` Gaussian noise or symmetric token replacement
+(:mod:`tracing.corruption`), ``metric`` p(answer) or a logit difference against a counterfactual answer
+(:mod:`tracing.metrics`), ``direction`` denoising (restore clean states in the corrupted run, ROME) or
+noising (corrupt one state of the clean run). Every choice is recorded in the trace and its figure.
+
 The public entry points are :func:`trace_fact` (a :class:`~tracing.facts.Fact`) and :func:`trace_prompt`
 (a prompt and its subject). Both return a :class:`FactTrace` holding, for every kind of state and every
 (token, layer), the probability of the answer after restoring that state; its indirect effect is that
@@ -18,16 +24,20 @@ import numpy as np
 import torch
 
 from tracing.adapter import KINDS, ModelAdapter
+from tracing.attribution import DIRECTIONS, attribution_patching, check_direction
 from tracing.blocks import EngineUnsupported
+from tracing.corruption import Corruption, check_corruption, gaussian, symmetric
 from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, needs_full_forwards
 from tracing.facts import Fact, encode_fact, fact_from_prompt
 from tracing.io import atomic_path
+from tracing.metrics import check_metric
 from tracing.models import model_spec
 from tracing.state import state_of
-from tracing.noise import DEFAULT_NOISE_MULTIPLIER, default_noise_std, sample_noise
-from tracing.tokens import encode_with_offsets, subject_token_range, target_token_ids, token_strings
+from tracing.noise import DEFAULT_NOISE_MULTIPLIER, default_noise_std
+from tracing.tokens import EncodedPrompt, encode_with_offsets, subject_token_range, target_token_ids, token_strings
 
 ENGINES = ("fast", "reference")
+METHODS = ("exact", "atp")
 _VERIFY_TOLERANCE = 1e-4
 
 
@@ -38,6 +48,12 @@ class TraceConfig:
     ``noise`` sets the absolute noise std and overrides ``noise_multiplier``. ``engine="reference"``
     runs one forward pass per cell, exactly like kmeng01/rome (slow; for checking). With ``verify`` the
     fast engine is checked against the reference on a few cells the first time a model is traced.
+
+    ``method="atp"`` estimates every cell by attribution patching instead of restoring it (one backward,
+    see :mod:`tracing.attribution`); ``corruption="symmetric"`` swaps the subject for up to ``samples``
+    other subjects of the same token length instead of adding noise; ``metric="logit_diff"`` scores
+    logit(answer) - logit(counterfactual); ``direction="noising"`` corrupts one state of the clean run
+    (exact noising runs on the reference engine). Unknown values are refused here, before any forward.
     """
 
     kinds: tuple[str, ...] = KINDS
@@ -49,8 +65,17 @@ class TraceConfig:
     engine: str = "fast"
     verify: bool = True
     show_progress: bool = True
+    method: str = "exact"
+    corruption: str = "gaussian"
+    metric: str = "prob"
+    direction: str = "denoising"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        check_corruption(self.corruption)
+        check_metric(self.metric)
+        check_direction(self.direction)
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
@@ -68,7 +93,12 @@ class TraceConfig:
 class FactTrace:
     """Everything one causal trace measured. ``scores[kind][t, l]`` is the mean p(answer) after
     restoring state ``kind`` at token ``t`` and layer ``l`` (a window of layers centred on ``l`` for
-    ``mlp``/``attn``) in the corrupted run."""
+    ``mlp``/``attn``) in the corrupted run.
+
+    With ``metric="logit_diff"`` every "prob" (``clean_prob``, ``corrupted_prob``, ``scores``) holds
+    logit(answer) - logit(counterfactual) instead; with ``direction="noising"`` a score is the clean
+    run's metric with that one state corrupted; with ``method="atp"`` the scores are linear estimates.
+    ``noise`` is 0 for symmetric replacement, whose subjects are in ``replacements``."""
 
     prompt: str
     subject: str
@@ -86,7 +116,13 @@ class FactTrace:
     seed: int
     model_name: str
     scores: dict[str, np.ndarray] = field(default_factory=dict)
-    engine: str = "fast"  # which engine computed the scores ("fast" or "reference"), see choose_engine
+    engine: str = "fast"  # which engine computed the scores ("fast", "reference"; "atp"), see choose_engine
+    method: str = "exact"  # "exact" (restored runs) or "atp" (attribution patching estimates)
+    corruption: str = "gaussian"  # or "symmetric" (token replacement)
+    replacements: tuple[str, ...] = ()  # the subjects swapped in by symmetric replacement
+    metric: str = "prob"  # or "logit_diff" (against ``counterfactual``)
+    counterfactual: str | None = None
+    direction: str = "denoising"  # or "noising"
 
     @property
     def correct(self) -> bool:
@@ -106,7 +142,10 @@ class FactTrace:
         return int(next(iter(self.scores.values())).shape[1])
 
     def indirect_effect(self, kind: str) -> np.ndarray:
-        """p(answer | restored) - p(answer | corrupted), per (token, layer)."""
+        """p(answer | restored) - p(answer | corrupted), per (token, layer). Noising: p(answer | clean) -
+        p(answer | that state corrupted), so that in both directions a large value marks a state that matters."""
+        if self.direction == "noising":
+            return self.clean_prob - self.scores[kind]
         return self.scores[kind] - self.corrupted_prob
 
     # --- persistence -------------------------------------------------------------------------------
@@ -131,6 +170,7 @@ class FactTrace:
                 meta = json.loads(str(data["meta"]))
                 scores = {key[len("scores_"):]: data[key] for key in data.files if key.startswith("scores_")}
             meta["subject_range"] = tuple(meta["subject_range"])
+            meta["replacements"] = tuple(meta.get("replacements", ()))
             return cls(**meta, scores=scores)
         except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(f"'{path}' is not a trace saved by FactTrace.save ({type(error).__name__}: {error})") from error
@@ -140,27 +180,77 @@ def noise_std(model, config: TraceConfig) -> float:
     return config.noise if config.noise is not None else default_noise_std(model, config.noise_multiplier)
 
 
-def trace_fact(model, fact: Fact, *, answer: str | None = None, config: TraceConfig = TraceConfig()) -> FactTrace:
+def trace_fact(model, fact: Fact, *, answer: str | None = None, counterfactual: str | None = None,
+               config: TraceConfig = TraceConfig()) -> FactTrace:
     """Trace ``fact``; the traced answer is ``answer`` if given, else ``fact.target_true``.
 
-    Pass ``answer=fact.target_new`` after an edit to see where the new answer is read from.
+    Pass ``answer=fact.target_new`` after an edit to see where the new answer is read from. Under
+    ``metric="logit_diff"`` the counterfactual answer is ``counterfactual``, else ``fact.target_new``.
     """
+    answer = answer if answer is not None else fact.target_true
+    if config.metric == "logit_diff" and counterfactual is None:
+        if fact.target_new is None:
+            raise ValueError(f"metric 'logit_diff' needs a counterfactual answer, and fact {fact.subject!r} has no "
+                             "target_new; pass counterfactual=...")
+        counterfactual = fact.target_new
+    counterfactual_id = _counterfactual_id(model, answer, counterfactual, config)
     encoded, subject_range = encode_fact(model, fact)
-    answer_id = target_token_ids(model, answer if answer is not None else fact.target_true)[0]
-    return _trace(model, encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id, config)
+    corruption = _corruption(model, encoded, fact.subject, fact.subject_char_start, subject_range, config)
+    answer_id = target_token_ids(model, answer)[0]
+    return _trace(model, encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id,
+                  corruption, counterfactual, counterfactual_id, config)
 
 
-def trace_prompt(model, prompt: str, subject: str, *, answer: str | None = None,
+def trace_prompt(model, prompt: str, subject: str, *, answer: str | None = None, counterfactual: str | None = None,
                  config: TraceConfig = TraceConfig()) -> FactTrace:
-    """Trace a prompt containing ``subject``; the answer defaults to the model's own top-1 prediction."""
+    """Trace a prompt containing ``subject``; the answer defaults to the model's own top-1 prediction.
+    ``counterfactual`` is the other answer of ``metric="logit_diff"`` (needed there, refused elsewhere)."""
     encoded = encode_with_offsets(model, prompt)
     subject_range = subject_token_range(encoded, subject)
+    counterfactual_id = _counterfactual_id(model, answer, counterfactual, config)
+    corruption = _corruption(model, encoded, subject, prompt.find(subject.strip()), subject_range, config)
     if answer is not None:
         answer_id = target_token_ids(model, answer)[0]
     else:
         with torch.no_grad():
             answer_id = int(model(encoded.tensor(_device(model)))[0, -1].argmax())
-    return _trace(model, prompt, list(encoded.ids), subject.strip(), subject_range, answer_id, config)
+    return _trace(model, prompt, list(encoded.ids), subject.strip(), subject_range, answer_id,
+                  corruption, counterfactual, counterfactual_id, config)
+
+
+def _counterfactual_id(model, answer: str | None, counterfactual: str | None, config: TraceConfig) -> int | None:
+    """The first token of the counterfactual answer under ``metric="logit_diff"`` (None otherwise),
+    refusing a missing one, one given to another metric, and one equal to the answer (before any forward)."""
+    if config.metric != "logit_diff":
+        if counterfactual is not None:
+            raise ValueError(f"a counterfactual answer ({counterfactual!r}) is only used with metric 'logit_diff', "
+                             f"not {config.metric!r}")
+        return None
+    if counterfactual is None:
+        raise ValueError("metric 'logit_diff' needs a counterfactual answer (counterfactual=...)")
+    counterfactual_id = target_token_ids(model, counterfactual)[0]
+    if answer is not None:
+        _check_counterfactual(model, target_token_ids(model, answer)[0], answer, counterfactual_id, counterfactual)
+    return counterfactual_id
+
+
+def _check_counterfactual(model, answer_id: int, answer: str, counterfactual_id: int, counterfactual: str) -> None:
+    if counterfactual.strip() == answer.strip():
+        raise ValueError(f"the counterfactual answer {counterfactual!r} is the traced answer {answer!r}; "
+                         "logit_diff needs a different one")
+    if counterfactual_id == answer_id:
+        raise ValueError(f"the counterfactual answer {counterfactual!r} starts with the same token "
+                         f"{model.tokenizer.decode([answer_id])!r} as the traced answer {answer!r}; "
+                         "logit_diff compares first tokens, so it needs one that starts differently")
+
+
+def _corruption(model, encoded: EncodedPrompt, subject: str, char_start: int, subject_range: tuple[int, int],
+                config: TraceConfig) -> Corruption:
+    """The corrupted rows' embedding offsets (refuses a symmetric replacement that finds no subject)."""
+    if config.corruption == "symmetric":
+        return symmetric(model, encoded, subject, char_start, subject_range, config.samples, config.seed)
+    start, end = subject_range
+    return gaussian(config.samples, end - start, ModelAdapter.of(model).d_model, noise_std(model, config), config.seed)
 
 
 def _device(model) -> torch.device:
@@ -171,20 +261,23 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tuple[int, int],
-           answer_id: int, config: TraceConfig) -> FactTrace:
-    adapter = ModelAdapter.of(model)
-    std = noise_std(model, config)
-    start, end = subject_range
-    noise = sample_noise(config.samples, end - start, adapter.d_model, std, config.seed)
+def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tuple[int, int], answer_id: int,
+           corruption: Corruption, counterfactual: str | None, counterfactual_id: int | None,
+           config: TraceConfig) -> FactTrace:
+    decode = model.tokenizer.decode
+    if counterfactual_id is not None:
+        _check_counterfactual(model, answer_id, decode([answer_id]), counterfactual_id, counterfactual)
     inputs = TraceInputs(
         tokens=torch.tensor([ids], device=_device(model)),
         subject=subject_range,
         answer_id=answer_id,
-        noise=noise.to(device=_device(model), dtype=_dtype(model)),
+        noise=corruption.delta.to(device=_device(model), dtype=_dtype(model)),
+        counterfactual_id=counterfactual_id,
     )
-    output, engine = _run_engine(model, inputs, config)
-    decode = model.tokenizer.decode
+    if config.method == "atp":
+        output, engine = attribution_patching(model, inputs, config.kinds, config.window, config.direction), "atp"
+    else:
+        output, engine = _run_engine(model, inputs, config)
     return FactTrace(
         prompt=prompt,
         subject=subject,
@@ -196,13 +289,19 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         clean_top=decode([output.clean_top_id]),
         clean_prob=output.clean_prob,
         corrupted_prob=output.corrupted_prob,
-        noise=std,
-        samples=config.samples,
+        noise=corruption.noise,
+        samples=corruption.rows,
         window=config.window,
         seed=config.seed,
         model_name=model_spec(model).name,
         scores={kind: output.scores[kind] for kind in config.kinds},
         engine=engine,
+        method=config.method,
+        corruption=corruption.kind,
+        replacements=corruption.replacements,
+        metric=config.metric,
+        counterfactual=counterfactual,
+        direction=config.direction,
     )
 
 
@@ -212,6 +311,8 @@ def choose_engine(model, config: TraceConfig) -> tuple[str, str]:
     reference), or while a hook needs whole-prompt forward passes (WISE's router); else ``"fast"``."""
     if config.engine == "reference":
         return "reference", "asked for"
+    if config.direction == "noising":
+        return "reference", "exact noising runs on the reference engine"
     if state_of(model).fast_engine_ok is False:
         return "reference", "the fast engine was refused on this model"
     if needs_full_forwards(model):
@@ -224,13 +325,13 @@ def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> tuple[Engine
     state = state_of(model)
     reference = ReferenceEngine(model, show_progress=config.show_progress)
     if choose_engine(model, config)[0] == "reference":
-        return reference.run(inputs, config.kinds, config.window), "reference"
+        return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
     try:
         output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window)
     except EngineUnsupported as error:
         warnings.warn(f"fast tracing engine unavailable for this model ({error}); using the reference engine")
         state.fast_engine_ok = False
-        return reference.run(inputs, config.kinds, config.window), "reference"
+        return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
     if config.verify and not state.fast_engine_ok:
         mismatch = _largest_mismatch(reference, inputs, output, config)
         if mismatch > _VERIFY_TOLERANCE:
@@ -239,7 +340,7 @@ def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> tuple[Engine
                 "falling back to the reference engine (slower, same numbers as kmeng01/rome)"
             )
             state.fast_engine_ok = False
-            return reference.run(inputs, config.kinds, config.window), "reference"
+            return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
         state.fast_engine_ok = True
     return output, "fast"
 
@@ -256,4 +357,5 @@ def _largest_mismatch(reference: ReferenceEngine, inputs: TraceInputs, output: E
     return worst
 
 
-__all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt", "choose_engine"]
+__all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt", "choose_engine",
+           "METHODS", "DIRECTIONS"]

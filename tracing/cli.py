@@ -20,11 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-# Copies of tracing.models.EMBEDDED_MODEL, tracing.adapter.KINDS and tracing.average.SELECTION_METHODS,
-# which cannot be imported without torch (tests/test_bad_inputs.py checks that they agree).
+# Copies of tracing.models.EMBEDDED_MODEL, tracing.adapter.KINDS, tracing.average.SELECTION_METHODS,
+# tracing.causal_trace.METHODS, tracing.corruption.CORRUPTIONS, tracing.metrics.METRICS and
+# tracing.attribution.DIRECTIONS, which cannot be imported without torch (tests/test_bad_inputs.py checks
+# that they agree).
 DEFAULT_MODEL = "smollm2"
 KINDS = ("resid", "mlp", "attn")
 SELECTION_METHODS = ("peak-end", "max-sum")
+TRACE_METHODS = ("exact", "atp")
+CORRUPTIONS = ("gaussian", "symmetric")
+METRICS = ("prob", "logit_diff")
+DIRECTIONS = ("denoising", "noising")
 
 
 def fail(message: object) -> NoReturn:
@@ -198,6 +204,24 @@ def corpus_source(value: str) -> str:
     return str(Path(value).expanduser())
 
 
+def add_trace_choices(parser: argparse.ArgumentParser, method_option: str = "--method") -> None:
+    """The options that choose how a trace is made (see tracing.causal_trace.TraceConfig)."""
+    parser.add_argument(method_option, dest="trace_method", choices=TRACE_METHODS, default="exact",
+                        help="exact: restore every cell (ROME); atp: attribution patching, a linear estimate of "
+                             "every cell from one backward pass (fast, approximate)")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian",
+                        help="gaussian: noise on the subject's embeddings (ROME, default); symmetric: the subject "
+                             "replaced by other bundled subjects of the same token length")
+    parser.add_argument("--metric", choices=METRICS, default="prob",
+                        help="prob: p(answer) (default); logit_diff: logit(answer) - logit(counterfactual)")
+
+
+def check_trace_choices(args: argparse.Namespace) -> None:
+    """Refuse combinations of the trace options that cannot work, before any model is loaded."""
+    if getattr(args, "noise", None) is not None and args.corruption != "gaussian":
+        fail(f"--noise sets the Gaussian noise; it has no meaning with --corruption {args.corruption}")
+
+
 # --- checks after parsing (some need torch or the model) --------------------------------------------------
 
 
@@ -287,6 +311,7 @@ def locate_parser() -> ArgumentParser:
                         help="number of critical layers (default 5, or every layer of a smaller model)")
     parser.add_argument("--method", choices=SELECTION_METHODS, default="peak-end",
                         help="how the layers are chosen from the MLP curve (default peak-end)")
+    add_trace_choices(parser, "--trace-method")  # --method already chooses the layers
     parser.add_argument("--figures", default=None, type=output_folder,
                         help="folder for the average-effect and layer figures")
     parser.add_argument("--include-wrong", action="store_true",

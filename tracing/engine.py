@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from tracing.adapter import KINDS, ModelAdapter
 from tracing.blocks import call_block, capture_block_calls, filled_cache, logits_of
+from tracing.metrics import answer_metric
 from tracing.state import state_of
 
 
@@ -76,6 +77,7 @@ class TraceInputs:
     subject: tuple[int, int]  # half-open token range
     answer_id: int
     noise: torch.Tensor  # (N, subject length, d_model), model dtype, on the model's device
+    counterfactual_id: int | None = None  # set: the metric is logit(answer) - logit(counterfactual)
 
     @property
     def n_tokens(self) -> int:
@@ -88,6 +90,9 @@ class TraceInputs:
 
 @dataclass
 class EngineOutput:
+    """The metric (p(answer), or the logit difference, see :mod:`tracing.metrics`) of the clean and the
+    corrupted run and of every restored cell; the names say "prob" for ROME's default."""
+
     clean_prob: float
     corrupted_prob: float
     clean_top_id: int
@@ -95,18 +100,21 @@ class EngineOutput:
 
 
 def _add_noise_hook(noise: torch.Tensor, subject: tuple[int, int], first_row: int) -> Callable:
+    """Adds ``noise`` (one row per sample) to the subject's embeddings of rows ``first_row:first_row + N``."""
     start, end = subject
+    rows = slice(first_row, first_row + noise.shape[0])
 
     def hook(embeddings: torch.Tensor, hook) -> torch.Tensor:
         embeddings = embeddings.clone()
-        embeddings[first_row:, start:end] += noise.to(embeddings.dtype)
+        embeddings[rows, start:end] += noise.to(embeddings.dtype)
         return embeddings
 
     return hook
 
 
-def _answer_probs(logits_last: torch.Tensor, answer_id: int) -> torch.Tensor:
-    return torch.softmax(logits_last.float(), dim=-1)[:, answer_id]
+def _answer_probs(logits_last: torch.Tensor, inputs: TraceInputs) -> torch.Tensor:
+    """The trace's metric per row (p(answer) unless a counterfactual is set)."""
+    return answer_metric(logits_last, inputs.answer_id, inputs.counterfactual_id)
 
 
 @torch.no_grad()
@@ -114,13 +122,16 @@ def clean_and_corrupted(model, inputs: TraceInputs, names: Sequence[str] = ()):
     """Clean run (batch 1) and corrupted run (batch N), with the requested activations of each."""
     clean_logits, clean_cache = model.run_with_cache(inputs.tokens, names_filter=lambda n: n in names)
     clean_last = clean_logits[:, -1]
-    clean_prob = float(_answer_probs(clean_last, inputs.answer_id)[0])
+    clean_prob = float(_answer_probs(clean_last, inputs)[0])
     clean_top = int(clean_last[0].argmax())
     return clean_prob, clean_top, clean_cache
 
 
 class ReferenceEngine:
-    """One forward pass per cell over [clean row, N corrupted rows], as kmeng01/rome does it."""
+    """One forward pass per cell over [clean row, N corrupted rows], as kmeng01/rome does it.
+
+    Noising (``direction="noising"``) runs [N corrupted rows, N clean rows] and copies each corrupted
+    row's state into its clean partner: the clean run with one state corrupted."""
 
     def __init__(self, model, show_progress: bool = True) -> None:
         self.model = model
@@ -128,8 +139,10 @@ class ReferenceEngine:
         self.show_progress = show_progress
 
     @torch.no_grad()
-    def cell_prob(self, inputs: TraceInputs, cell: Cell, window: int) -> float:
+    def cell_prob(self, inputs: TraceInputs, cell: Cell, window: int, direction: str = "denoising") -> float:
         model, adapter = self.model, self.adapter
+        if direction == "noising":
+            return self._noised_cell(inputs, cell, window)
         batch = inputs.tokens.repeat(inputs.samples + 1, 1)
         hooks = [(adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=1))]
 
@@ -141,16 +154,31 @@ class ReferenceEngine:
         for layer in restored_layers(cell.kind, cell.layer, adapter.n_layers, window):
             hooks.append((adapter.state_hook(cell.kind, layer), restore))
         logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-        return float(_answer_probs(logits[1:, -1], inputs.answer_id).mean())
+        return float(_answer_probs(logits[1:, -1], inputs).mean())
+
+    def _noised_cell(self, inputs: TraceInputs, cell: Cell, window: int) -> float:
+        samples = inputs.samples
+        batch = inputs.tokens.repeat(2 * samples, 1)
+        hooks = [(self.adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
+
+        def corrupt(state: torch.Tensor, hook) -> torch.Tensor:
+            state = state.clone()
+            state[samples:, cell.token] = state[:samples, cell.token]
+            return state
+
+        for layer in restored_layers(cell.kind, cell.layer, self.adapter.n_layers, window):
+            hooks.append((self.adapter.state_hook(cell.kind, layer), corrupt))
+        logits = self.model.run_with_hooks(batch, fwd_hooks=hooks)
+        return float(_answer_probs(logits[samples:, -1], inputs).mean())
 
     @torch.no_grad()
     def corrupted_prob(self, inputs: TraceInputs) -> float:
         batch = inputs.tokens.repeat(inputs.samples, 1)
         hooks = [(self.adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
         logits = self.model.run_with_hooks(batch, fwd_hooks=hooks)
-        return float(_answer_probs(logits[:, -1], inputs.answer_id).mean())
+        return float(_answer_probs(logits[:, -1], inputs).mean())
 
-    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int) -> EngineOutput:
+    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int, direction: str = "denoising") -> EngineOutput:
         kinds = list(kinds)
         clean_prob, clean_top, _ = clean_and_corrupted(self.model, inputs)
         corrupted = self.corrupted_prob(inputs)
@@ -158,7 +186,7 @@ class ReferenceEngine:
         scores = {kind: np.zeros((n_tokens, n_layers)) for kind in kinds}
         cells = [Cell(k, t, l) for k in kinds for t in range(n_tokens) for l in range(n_layers)]
         for cell in tqdm(cells, desc="tracing (reference)", disable=not self.show_progress, leave=False):
-            scores[cell.kind][cell.token, cell.layer] = self.cell_prob(inputs, cell, window)
+            scores[cell.kind][cell.token, cell.layer] = self.cell_prob(inputs, cell, window, direction)
         return EngineOutput(clean_prob, corrupted, clean_top, scores)
 
 
@@ -186,7 +214,7 @@ class PrefixEngine:
         hooks = [(adapter.embed, _add_noise_hook(inputs.noise, inputs.subject, first_row=0))]
         hooks += [(name, keep) for name in sorted(names)]
         logits, kv = filled_cache(self.model, inputs.tokens.repeat(inputs.samples, 1), hooks=hooks)
-        probs = _answer_probs(logits[:, -1], inputs.answer_id)
+        probs = _answer_probs(logits[:, -1], inputs)
         return float(probs.mean()), states, kv
 
     # --- one suffix pass --------------------------------------------------------------------------
@@ -264,7 +292,7 @@ class PrefixEngine:
             finals.append(last[:, -1])
         final = torch.cat(finals)
         logits = logits_of(model, final)
-        probs = _answer_probs(logits, inputs.answer_id)
+        probs = _answer_probs(logits, inputs)
         means = torch.zeros(len(cells), device=device).index_add_(0, row_cell, probs) / samples
         return means.cpu().numpy()
 

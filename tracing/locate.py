@@ -2,6 +2,7 @@
 
     python -m tracing.locate                     # embedded model, 40 known facts, MLP kind
     python -m tracing.locate gpt2-xl --facts 200 --kinds all --figures out/
+    python -m tracing.locate --trace-method atp --facts 200   # attribution patching as a fast first pass
     torchrun --nproc-per-node 4 -m tracing.locate --facts 400   # facts sharded over 4 processes
 
 ``locate()`` returns the chosen layers as a value (``result.layer_set``) that MEMIT takes directly; the
@@ -71,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_model_name(args.model)
     cli.check_device(args.device)
     facts = cli.facts_from(args.facts_file)
+    cli.check_trace_choices(args)
+    if args.metric == "logit_diff":
+        missing = [f.subject for f in spread(facts, args.facts) if f.target_new is None]
+        if missing:
+            cli.fail(f"--metric logit_diff compares against each fact's target_new, and {len(missing)} fact(s) "
+                     f"have none (first: {missing[0]!r})")
     current = init_from_environment()
-    config = TraceConfig(kinds=args.kinds, samples=args.samples, show_progress=current.is_main)
+    config = TraceConfig(kinds=args.kinds, samples=args.samples, show_progress=current.is_main,
+                         method=args.trace_method, corruption=args.corruption, metric=args.metric)
     device = args.device or (local_device() if current.size > 1 else None)
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=device)
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     name = model_spec(model).name
+    print(f"traced by {'attribution patching (linear estimates)' if config.method == 'atp' else 'exact tracing'}, "
+          f"{config.corruption} corruption, metric {config.metric}")
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")
     for kind, effect in result.effects.items():
         curve = effect.role("last subject token")
@@ -99,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         from tracing.plot import plot_average_effect, plot_critical_layers, save_figure
 
         folder = args.figures
-        print(save_figure(plot_average_effect(list(result.effects.values())), folder / f"average_{name}.png"))
+        how = f"{'AtP estimate' if config.method == 'atp' else 'exact'}, {config.corruption}, {config.metric}"
+        title = f"Average indirect effect over {result.critical.n_facts} facts ({how})"
+        print(save_figure(plot_average_effect(list(result.effects.values()), title), folder / f"average_{name}.png"))
         print(save_figure(plot_critical_layers(critical), folder / f"critical_layers_{name}.png"))
     return 0
 

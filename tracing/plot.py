@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tracing.io import atomic_path
+from tracing.metrics import metric_label
 
 KIND_COLORMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
@@ -80,16 +81,23 @@ def _panel_size(trace, margin: float) -> tuple[float, float]:
 
 
 def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = None):
-    """A figure with one panel per kind for a :class:`~tracing.causal_trace.FactTrace`."""
+    """A figure with one panel per kind for a :class:`~tracing.causal_trace.FactTrace`; the title names
+    the method, corruption, metric and direction (:func:`describe_trace`). Noising traces are drawn with
+    the colour map reversed, so that dark still marks a state that matters."""
     kinds = list(kinds or trace.kinds)
     labels = token_labels(trace.tokens, trace.subject_range)
     width, height = _panel_size(trace, margin=1.3)
+    noising = trace.direction == "noising"
+    verb = "Corrupting" if noising else "Restoring"
+    estimate = " (AtP)" if trace.method == "atp" else ""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), height), squeeze=False)
         for ax, kind in zip(axes[0], kinds):
-            draw_heatmap(ax, trace.scores[kind], labels, kind, vmin=trace.corrupted_prob,
-                         colorbar_label=f"p({trace.answer.strip()})",
-                         title=f"Restoring {KIND_TITLES[kind]}", xlabel=_xlabel(kind, trace.window))
+            draw_heatmap(ax, trace.scores[kind], labels, kind,
+                         vmin=None if noising else trace.corrupted_prob, vmax=trace.clean_prob if noising else None,
+                         cmap=KIND_COLORMAPS[kind] + "_r" if noising else None,
+                         colorbar_label=metric_label(trace.metric, trace.answer, trace.counterfactual),
+                         title=f"{verb} {KIND_TITLES[kind]}{estimate}", xlabel=_xlabel(kind, trace.window))
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
         fig.suptitle(title or _default_title(trace), fontsize=10, y=1.0)
@@ -98,8 +106,21 @@ def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = No
 
 
 def _default_title(trace) -> str:
+    short = "p" if trace.metric == "prob" else "logit diff"
     return (f"{trace.model_name}: \"{trace.prompt}\" → {trace.answer.strip()!r}   "
-            f"(clean p={trace.clean_prob:.2f}, corrupted p={trace.corrupted_prob:.2f})")
+            f"(clean {short}={trace.clean_prob:.2f}, corrupted {short}={trace.corrupted_prob:.2f})\n"
+            + describe_trace(trace))
+
+
+def describe_trace(trace) -> str:
+    """How a trace was made, in one line: method, corruption, metric, direction."""
+    method = "attribution patching (linear estimate)" if trace.method == "atp" else "exact"
+    if trace.corruption == "symmetric":
+        corruption = f"symmetric replacement by {trace.samples} subject(s) of equal token length"
+    else:
+        corruption = f"Gaussian noise σ={trace.noise:.3g}, {trace.samples} samples"
+    metric = metric_label(trace.metric, trace.answer, trace.counterfactual)
+    return f"{method} · {corruption} · {metric} · {trace.direction}"
 
 
 def plot_average_effect(effects: Sequence, title: str | None = None):

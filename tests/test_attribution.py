@@ -1,0 +1,191 @@
+"""Attribution patching, symmetric token replacement, the logit difference and noising, on tiny random models."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tracing.atp_accuracy import atp_accuracy, pearson, top_k_agreement
+from tracing.causal_trace import FactTrace, TraceConfig, trace_fact, trace_prompt
+from tracing.corruption import NoReplacementError, replacement_subjects
+from tracing.engine import restored_layers
+from tracing.facts import known_facts, spread
+from tracing.models import load_model
+from tracing.tokens import encode_with_offsets, subject_token_range
+
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+QUIET = TraceConfig(samples=3, noise=1.0, show_progress=False)
+ROOT = Path(__file__).parents[1]
+
+
+def _effects(trace):
+    return {kind: trace.indirect_effect(kind)[trace.subject_range[0]:] for kind in trace.kinds}
+
+
+def test_atp_is_the_exact_effect_in_the_linear_limit():
+    """With window 1 every AtP cell is the first-order term of exact restoration: as the corruption shrinks,
+    the relative error shrinks in proportion (float64, so rounding does not hide it)."""
+    model = load_model("tiny-llama", device="cpu", dtype=torch.float64)
+    errors = []
+    for eps in (1e-3, 1e-4):
+        config = TraceConfig(samples=2, noise=eps, window=1, metric="logit_diff", show_progress=False, verify=False)
+        exact = _effects(trace_prompt(model, PROMPT, SUBJECT, counterfactual="Rome", config=config))
+        atp = _effects(trace_prompt(model, PROMPT, SUBJECT, counterfactual="Rome",
+                                    config=dataclasses.replace(config, method="atp")))
+        errors.append(max(np.abs(atp[k] - exact[k]).max() / np.abs(exact[k]).max() for k in exact))
+    assert errors[1] < 5e-3
+    assert errors[0] / errors[1] > 5  # first order: the relative error is proportional to the corruption
+
+
+def test_atp_window_is_the_sum_of_the_single_layer_terms(tiny_llama):
+    single = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, method="atp", window=1))
+    window = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, method="atp", window=3))
+    for kind in ("mlp", "attn"):
+        terms = single.indirect_effect(kind)
+        expected = np.stack([terms[:, list(restored_layers(kind, l, 4, 3))].sum(axis=1) for l in range(4)], axis=1)
+        np.testing.assert_allclose(window.indirect_effect(kind), expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(window.scores["resid"], single.scores["resid"])
+
+
+def test_atp_trace_records_its_method_and_round_trips(tiny_llama, tmp_path):
+    trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, method="atp"))
+    assert trace.method == "atp" and trace.engine == "atp" and trace.corruption == "gaussian"
+    for kind in trace.kinds:  # tokens before the subject are the same in both runs: no effect at all
+        assert np.all(trace.indirect_effect(kind)[: trace.subject_range[0]] == 0)
+    exact = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=QUIET)
+    assert trace.clean_prob == pytest.approx(exact.clean_prob, rel=1e-5)
+    assert trace.corrupted_prob == pytest.approx(exact.corrupted_prob, rel=1e-4)
+    trace.save(tmp_path / "atp.npz")
+    loaded = FactTrace.load(tmp_path / "atp.npz")
+    assert (loaded.method, loaded.metric, loaded.direction) == ("atp", "prob", "denoising")
+
+
+def test_atp_correlates_with_exact_tracing(tiny_llama):
+    result = atp_accuracy(tiny_llama, spread(known_facts(), 3), TraceConfig(samples=3, show_progress=False))
+    mlp = result.kinds["mlp"]
+    assert mlp.n_facts == 3 and mlp.pearson > 0.9 and mlp.pearson_pooled > 0.85 and mlp.top_k >= 0.6
+    assert set(result.kinds) == {"resid", "mlp", "attn"} and result.atp_seconds < result.exact_seconds
+    record = result.as_record()
+    assert record["kinds"]["resid"]["k"] == 10 and "method" not in record["config"]
+
+
+def test_agreement_measures():
+    assert pearson(np.array([1, 2, 3]), np.array([2, 4, 6.5])) > 0.99
+    assert np.isnan(pearson(np.ones(3), np.arange(3)))
+    assert top_k_agreement(np.array([5, 4, 0, 0]), np.array([9, 0, 8, 0]), 2) == 0.5
+
+
+def test_symmetric_replacement_swaps_exactly_the_subject_tokens(tiny_llama):
+    encoded = encode_with_offsets(tiny_llama, PROMPT)
+    start, end = subject_token_range(encoded, SUBJECT)
+    found = replacement_subjects(tiny_llama, encoded, SUBJECT, PROMPT.find(SUBJECT), (start, end), 3, seed=1)
+    assert len(found) == 3 and SUBJECT not in [name for name, _ in found]
+    for name, ids in found:
+        replaced = encode_with_offsets(tiny_llama, PROMPT.replace(SUBJECT, name)).ids
+        assert replaced[:start] == encoded.ids[:start] and replaced[end:] == encoded.ids[end:]
+        assert list(replaced[start:end]) == ids != list(encoded.ids[start:end])
+    # the corrupted run of a one-subject trace is the model on the replaced prompt
+    config = dataclasses.replace(QUIET, corruption="symmetric", samples=1)
+    trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=config)
+    assert trace.samples == 1 and trace.noise == 0 and trace.replacements == (found[0][0],)
+    with torch.no_grad():
+        logits = tiny_llama(encode_with_offsets(tiny_llama, PROMPT.replace(SUBJECT, found[0][0])).tensor())
+    assert trace.corrupted_prob == pytest.approx(float(torch.softmax(logits[0, -1], -1)[trace.answer_id]), rel=1e-4)
+    # and restoring the last state brings the clean run back, as with noise
+    assert trace.scores["resid"][-1, -1] == pytest.approx(trace.clean_prob, rel=1e-5)
+
+
+def test_symmetric_replacement_without_a_subject_of_equal_length_refuses_before_any_forward(tiny_llama):
+    calls = []
+    handle = tiny_llama.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(NoReplacementError, match="corruption 'symmetric'.*'Xqzt Vbnm Plkj Wert Zzyx'"):
+            trace_prompt(tiny_llama, "Xqzt Vbnm Plkj Wert Zzyx is in", "Xqzt Vbnm Plkj Wert Zzyx",
+                         config=dataclasses.replace(QUIET, corruption="symmetric"))
+        with pytest.raises(ValueError, match="counterfactual answer ' Paris' is the traced answer 'Paris'"):
+            trace_prompt(tiny_llama, PROMPT, SUBJECT, answer="Paris", counterfactual=" Paris",
+                         config=dataclasses.replace(QUIET, metric="logit_diff"))
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_logit_difference_is_logit_answer_minus_logit_counterfactual(tiny_llama):
+    config = dataclasses.replace(QUIET, metric="logit_diff")
+    trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, answer="Paris", counterfactual="Rome", config=config)
+    paris, rome = (tiny_llama.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("Paris", "Rome"))
+    with torch.no_grad():
+        logits = tiny_llama(torch.tensor([trace.token_ids]))[0, -1]
+    assert trace.clean_prob == pytest.approx(float(logits[paris] - logits[rome]), rel=1e-5)
+    assert trace.metric == "logit_diff" and trace.counterfactual == "Rome"
+    # restoring the last state gives the clean value back; exact and fast engines agree on the new metric
+    assert trace.scores["resid"][-1, -1] == pytest.approx(trace.clean_prob, rel=1e-5)
+    reference = trace_prompt(tiny_llama, PROMPT, SUBJECT, answer="Paris", counterfactual="Rome",
+                             config=dataclasses.replace(config, engine="reference"))
+    np.testing.assert_allclose(trace.scores["mlp"], reference.scores["mlp"], rtol=1e-4, atol=1e-5)
+
+
+def test_trace_fact_compares_against_target_new(tiny_llama):
+    fact = known_facts(1)[0]
+    trace = trace_fact(tiny_llama, fact, config=dataclasses.replace(QUIET, metric="logit_diff", kinds=("mlp",)))
+    assert trace.counterfactual == fact.target_new
+
+
+def test_noising_corrupts_one_state_of_the_clean_run(tiny_llama):
+    trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, direction="noising"))
+    assert trace.engine == "reference" and trace.direction == "noising"
+    start = trace.subject_range[0]
+    for kind in trace.kinds:  # before the subject the corrupted run equals the clean one
+        np.testing.assert_allclose(trace.scores[kind][:start], trace.clean_prob, rtol=1e-5)
+    # corrupting the whole final state is the corrupted run
+    assert trace.scores["resid"][-1, -1] == pytest.approx(trace.corrupted_prob, rel=1e-5)
+    assert trace.indirect_effect("resid")[-1, -1] == pytest.approx(trace.clean_prob - trace.corrupted_prob, rel=1e-5)
+    atp = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, direction="noising", method="atp"))
+    assert atp.direction == "noising" and np.all(atp.indirect_effect("mlp")[:start] == 0)
+
+
+def test_heatmap_cli_draws_an_atp_heatmap_and_names_the_choices(tmp_path, capsys):
+    from tracing import heatmap
+
+    out = tmp_path / "atp.png"
+    saved = tmp_path / "atp.npz"
+    code = heatmap.main(["tiny-gpt2", "--method", "atp", "--corruption", "symmetric", "--metric", "logit_diff",
+                         "--answer", "Paris", "--counterfactual", "Rome", "--samples", "2", "--out", str(out),
+                         "--save-trace", str(saved)])
+    assert code == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "attribution patching" in printed and "logit(Paris) − logit(Rome)" in printed
+    trace = FactTrace.load(saved)
+    assert (trace.method, trace.corruption, trace.metric) == ("atp", "symmetric", "logit_diff")
+    from tracing.plot import plot_trace
+
+    fig = plot_trace(trace)
+    assert "symmetric replacement" in fig._suptitle.get_text() and "attribution patching" in fig._suptitle.get_text()
+    assert "(AtP)" in [ax for ax in fig.axes if ax.images][0].get_title()
+
+
+def test_locate_cli_with_atp_as_first_pass(tiny_llama, monkeypatch, capsys):
+    import tracing.models as models
+    from tracing import locate
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kwargs: tiny_llama)
+    assert locate.main(["tiny-llama", "--facts", "3", "--trace-method", "atp", "--samples", "2",
+                        "--include-wrong"]) == 0
+    assert "traced by attribution patching" in capsys.readouterr().out
+
+
+def test_atp_accuracy_benchmark_on_a_tiny_model(tmp_path):
+    out = tmp_path / "atp_accuracy.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "atp_accuracy.py"), "--model", "tiny-llama",
+                             "--facts", "3", "--samples", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["n_facts"] == 3 and set(record["kinds"]) == {"resid", "mlp", "attn"}
+    assert "pearson" in result.stdout
