@@ -38,7 +38,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
 PROTOCOLS = ("after_all", "after_each")
@@ -92,11 +92,13 @@ def names_any(prompt: str, subjects: Sequence[str]) -> bool:
 
 
 def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list,
-               checkpoints: Sequence[int] | None = None) -> list[dict]:
+               checkpoints: Sequence[int] | None = None, on_row: Callable[[dict], None] = lambda row: None
+               ) -> list[dict]:
     """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo.
 
     One row per checkpoint (default: only ``len(facts)``); a checkpoint T scores the first T facts after
-    the calls that edited them (``after_all`` only), exactly as a separate run of T would."""
+    the calls that edited them (``after_all`` only), exactly as a separate run of T would. ``on_row`` gets
+    each row as soon as it is measured (a long stream keeps what it finished)."""
     from editing.editor import create_editor
     from editing.evaluate import agreement, evaluate_accuracy, locality_predictions
 
@@ -132,6 +134,7 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
                          "n_locality_other_subjects": len(unedited["other_subjects"]["locality"][0]),
                          "n_unrelated_other_subjects": len(unedited["other_subjects"]["unrelated"][0]),
                          **routing_shares(model, editor, scored), "s_per_edit": seconds / edited, "T": edited})
+            on_row(dict(rows[-1]))
     finally:
         editor.undo()
     return rows
@@ -140,15 +143,18 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
 def _unedited(model, facts: list, held_out: list) -> dict:
     """What the unedited model answers on the prompts a score of ``facts`` reads: their locality prompts,
     the held-out facts, and both restricted to prompts that name no subject of ``facts``."""
-    from editing.evaluate import argmax_predictions, locality_pairs, locality_predictions
+    from editing.evaluate import argmax_predictions, locality_predictions
 
     subjects = sorted({fact.subject for fact in facts})
+    locality = locality_predictions(model, facts)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
-    other = {"locality": [pair for pair in locality_pairs(facts) if not names_any(pair[0], subjects)],
-             "unrelated": [pair for pair in unrelated if not names_any(pair[0], subjects)]}
-    return {"locality": locality_predictions(model, facts), "unrelated": (unrelated, argmax_predictions(model, unrelated)),
-            "other_subjects": {key: (pairs, argmax_predictions(model, pairs) if pairs else [])
-                               for key, pairs in other.items()}}
+    answers = {"locality": (list(locality.pairs), list(locality.predictions)),
+               "unrelated": (unrelated, argmax_predictions(model, unrelated))}
+    other = {}
+    for key, (pairs, predictions) in answers.items():
+        kept = [i for i, (prompt, _) in enumerate(pairs) if not names_any(prompt, subjects)]
+        other[key] = ([pairs[i] for i in kept], [predictions[i] for i in kept])
+    return {"locality": locality, "unrelated": answers["unrelated"], "other_subjects": other}
 
 
 def _weighted(per_call: list, facts: list) -> dict:
@@ -223,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for t, checkpoints in streams:
         for name in names:
             for protocol in protocols:
-                rows = run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints)
-                for row in rows:
+                def write(row: dict, name: str = name, protocol: str = protocol) -> None:
                     record = {"method": name, "T": row.pop("T"), "batch": args.batch, "protocol": protocol,
                               "facts": "counterfact-bundled", **row,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     with out.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)
+
+                run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints, write)
     return 0
 
 

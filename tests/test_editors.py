@@ -246,7 +246,9 @@ def test_one_stream_checkpoints_score_as_separate_runs(tiny_llama):
     from tracing.facts import known_facts, one_per_subject
 
     facts, held_out = one_per_subject(known_facts())[:4], one_per_subject(known_facts())[10:12]
-    stream = run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, "after_all", held_out, [2, 4])
+    seen = []
+    stream = run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, "after_all", held_out, [2, 4], seen.append)
+    assert seen == stream  # each row handed over as it is measured
     alone = run_stream(tiny_llama, "grace", CONFIGS["grace"], facts[:2], 2, "after_all", held_out)[0]
     assert [row["T"] for row in stream] == [2, 4]
     for key in ("reliability", "generalization", "locality", "unrelated", "routed"):
