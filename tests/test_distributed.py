@@ -53,8 +53,13 @@ def test_two_processes_equal_one(tiny_llama, text_corpus, tmp_path, monkeypatch)
                        nprocs=2, join=True, start_method="fork")
 
     monkeypatch.setenv("FACTLENS_CACHE", str(tmp_path / "cache1"))
-    single = locate(tiny_llama, spread(known_facts(), 5), TRACE, size=2, only_correct=False)
-    single_c0 = key_second_moments(tiny_llama, LAYERS, corpus_config(corpus), show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: another thread count splits the sums differently
+    try:
+        single = locate(tiny_llama, spread(known_facts(), 5), TRACE, size=2, only_correct=False)
+        single_c0 = key_second_moments(tiny_llama, LAYERS, corpus_config(corpus), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     for rank in (0, 1):  # every rank holds the whole result
         both = torch.load(f"{out}.rank{rank}", weights_only=False)
