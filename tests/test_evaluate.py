@@ -15,18 +15,8 @@ from editing.requests import EditRequestError, validate_requests
 from tracing.adapter import ModelAdapter
 from tracing.facts import Fact, InvalidRecordError, known_facts, load_facts
 from tracing.tokens import encode, target_token_ids
+from test_facts import ZSRE_RECORD  # MEND's zsRE release: alt is the new target, answers[0] the true one
 
-# MEND's zsRE release: alt is the new target, answers[0] the true answer
-ZSRE = {
-    "subject": "Watts Humphrey",
-    "src": "What university did Watts Humphrey attend?",
-    "pred": "Trinity College",
-    "rephrase": "What university did Watts Humphrey take part in?",
-    "alt": "University of Michigan",
-    "answers": ["Illinois Institute of Technology"],
-    "loc": "nq question: who played desmond doss father in hacksaw ridge",
-    "loc_ans": "Hugo Weaving",
-}
 COUNTERFACT = Fact("Danielle Darrieux", "The mother tongue of {} is", "French", "English",
                    paraphrases=("Danielle Darrieux spoke the language",),
                    neighborhood=("The mother tongue of Léon Blum is", "The native language of Montesquieu is"))
@@ -71,22 +61,22 @@ def test_a_metric_without_data_raises_instead_of_nan(tiny_llama):
 
 
 def test_zsre_record_edits_alt_and_scores_locality_in_the_published_format():
-    fact = Fact.from_zsre(ZSRE, case_id=3)
+    fact = Fact.from_zsre(ZSRE_RECORD, case_id=3)
     assert (fact.target_new, fact.target_true) == ("University of Michigan", "Illinois Institute of Technology")
     assert fact.locality == (("nq question: who played desmond doss father in hacksaw ridge?", "Hugo Weaving"),)
     assert locality_pairs([fact]) == list(fact.locality)
-    assert Fact.from_zsre({**ZSRE, "loc": ZSRE["loc"] + "?"}).locality == fact.locality  # no second "?"
+    assert Fact.from_zsre({**ZSRE_RECORD, "loc": ZSRE_RECORD["loc"] + "?"}).locality == fact.locality  # no second "?"
 
 
 def test_zsre_records_with_nothing_to_edit_are_refused_by_name(tmp_path):
-    no_alt = {**ZSRE, "subject": "Paul Dirac", "src": "Where did Paul Dirac study?", "alt": ""}
-    same = {**ZSRE, "alt": "Illinois Institute of Technology "}  # the true answer, up to whitespace
+    no_alt = {**ZSRE_RECORD, "subject": "Paul Dirac", "src": "Where did Paul Dirac study?", "alt": ""}
+    same = {**ZSRE_RECORD, "alt": "Illinois Institute of Technology "}  # the true answer, up to whitespace
     with pytest.raises(InvalidRecordError, match="record 0 .*Paul Dirac.*no new target"):
         Fact.from_zsre(no_alt, case_id=0)
     with pytest.raises(InvalidRecordError, match="'Watts Humphrey'.*is the true answer"):
         Fact.from_zsre(same)
     path = tmp_path / "zsre.json"
-    path.write_text(json.dumps([ZSRE, no_alt, same]))
+    path.write_text(json.dumps([ZSRE_RECORD, no_alt, same]))
     with pytest.raises(InvalidRecordError, match=r"2 zsRE record\(s\)(.|\n)*record 1 (.|\n)*record 2 "):
         load_facts(path)
     with warnings.catch_warnings(record=True) as caught:
@@ -96,7 +86,7 @@ def test_zsre_records_with_nothing_to_edit_are_refused_by_name(tmp_path):
 
 
 def test_requests_whose_new_target_is_the_true_one_are_refused_naming_the_case(tiny_llama):
-    fact = dataclasses.replace(Fact.from_zsre(ZSRE, case_id=41), target_new=" Illinois Institute of Technology")
+    fact = dataclasses.replace(Fact.from_zsre(ZSRE_RECORD, case_id=41), target_new=" Illinois Institute of Technology")
     with pytest.raises(EditRequestError, match="request 0 \\('Watts Humphrey', case 41\\).*true target"):
         validate_requests(tiny_llama, [fact])
 
@@ -126,7 +116,7 @@ def test_targets_are_read_as_one_space_then_the_text_on_multi_token_targets(tiny
 
 
 def test_locality_is_agreement_with_the_predictions_recorded_before_the_edit(tiny_llama):
-    facts = [COUNTERFACT, Fact.from_zsre(ZSRE)]
+    facts = [COUNTERFACT, Fact.from_zsre(ZSRE_RECORD)]
     before = locality_predictions(tiny_llama, facts)
     assert isinstance(before, Baseline) and before.pairs == tuple(locality_pairs(facts))
     weight = ModelAdapter.down_projection(tiny_llama, tiny_llama.cfg.n_layers - 1)
