@@ -169,14 +169,16 @@ def test_heatmap_cli_draws_an_atp_heatmap_and_names_the_choices(tmp_path, capsys
     assert "(AtP)" in [ax for ax in fig.axes if ax.images][0].get_title()
 
 
-def test_locate_cli_with_atp_as_first_pass(tiny_llama, monkeypatch, capsys):
+def test_locate_cli_with_atp_as_first_pass(tiny_llama, tmp_path, monkeypatch, capsys):
     import tracing.models as models
     from tracing import locate
 
+    monkeypatch.setenv("FACTLENS_CACHE", str(tmp_path / "cache"))  # the layer choice is cached: not in ours
     monkeypatch.setattr(models, "load_model", lambda name, **kwargs: tiny_llama)
     assert locate.main(["tiny-llama", "--facts", "3", "--trace-method", "atp", "--samples", "2",
                         "--include-wrong"]) == 0
     assert "traced by attribution patching" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "critical_layers" / "tiny-llama.json").is_file()
 
 
 def test_atp_accuracy_benchmark_on_a_tiny_model(tmp_path):
