@@ -41,8 +41,8 @@ from editing.contexts import context_templates
 from editing.editor import HookedEditor, Route, as_facts
 from editing.memit import MemitConfig, current_outputs
 from editing.prompts import in_context, subject_row
-from editing.subject_spellings import SpellingIndex, subject_spellings
 from editing.requests import validate_requests
+from editing.subject_spellings import SpellingIndex, subject_spellings
 from editing.targets import TargetConfig, compute_targets
 from editing.weights import weight_fingerprint
 from tracing.activations import activations_at
