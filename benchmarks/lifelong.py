@@ -111,7 +111,11 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
     # the unedited model's answers, recorded before the first edit, on the prompts each score reads
     baselines = ([locality_predictions(model, call, facts) for call in calls] if protocol == "after_each"
                  else [None] * len(calls))
-    prefix = {t: _unedited(model, facts[:t], held_out) for t in checkpoints}
+    from editing.evaluate import argmax_predictions
+
+    unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
+    unrelated = (unrelated, argmax_predictions(model, unrelated))  # the same for every checkpoint
+    prefix = {t: _unedited(model, facts[:t], unrelated) for t in checkpoints}
     editor = create_editor(name, model, config)
     per_call, seconds, rows, edited = [], 0.0, [], 0
     try:
@@ -140,16 +144,15 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
     return rows
 
 
-def _unedited(model, facts: list, held_out: list) -> dict:
+def _unedited(model, facts: list, unrelated: tuple[list, list]) -> dict:
     """What the unedited model answers on the prompts a score of ``facts`` reads: their locality prompts,
-    the held-out facts, and both restricted to prompts that name no subject of ``facts``."""
-    from editing.evaluate import argmax_predictions, locality_predictions
+    the held-out facts (``unrelated``: pairs and their recorded answers), and both restricted to prompts
+    that name no subject of ``facts``."""
+    from editing.evaluate import locality_predictions
 
     subjects = sorted({fact.subject for fact in facts})
     locality = locality_predictions(model, facts)
-    unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
-    answers = {"locality": (list(locality.pairs), list(locality.predictions)),
-               "unrelated": (unrelated, argmax_predictions(model, unrelated))}
+    answers = {"locality": (list(locality.pairs), list(locality.predictions)), "unrelated": unrelated}
     other = {}
     for key, (pairs, predictions) in answers.items():
         kept = [i for i, (prompt, _) in enumerate(pairs) if not names_any(prompt, subjects)]
