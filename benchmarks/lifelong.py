@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -88,7 +89,14 @@ def routing_shares(model, editor, facts: Sequence) -> dict[str, float | None]:
 
 def names_any(prompt: str, subjects: Sequence[str]) -> bool:
     """Whether ``prompt`` names one of ``subjects`` as a whole word (or words)."""
-    return any(re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) for subject in subjects)
+    return bool(subjects) and subject_pattern(tuple(subjects)).search(prompt) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def subject_pattern(subjects: tuple[str, ...]) -> re.Pattern:
+    """One compiled alternation for a set of subjects (per-subject patterns overflow ``re``'s cache at T = 1000)."""
+    alternatives = "|".join(re.escape(subject) for subject in sorted(set(subjects), key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
 
 def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list,

@@ -255,3 +255,19 @@ def test_one_stream_checkpoints_score_as_separate_runs(tiny_llama):
         assert stream[0][key] == alone[key], key
     with pytest.raises(ValueError, match="between calls"):
         run_stream(tiny_llama, "grace", CONFIGS["grace"], facts, 2, "after_all", held_out, [3, 4])
+
+
+def test_the_lifelong_benchmark_tells_prompts_that_name_an_edited_subject_as_whole_words():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import names_any
+
+    subjects = ["San Diego", "Diego Maradona", "Yakutsk"] + [f"Subject {i}" for i in range(1000)]
+    assert names_any("Diego Maradona plays for", subjects)
+    assert names_any("The zoo of San Diego.", subjects)
+    assert names_any("Subject 999 is", subjects) and not names_any("Subject 9999 is", subjects)
+    assert not names_any("Irkutsk is in", subjects)
+    assert not names_any("San Diegoan food", subjects)  # a longer word is another name
+    assert not names_any("x . y", [])  # no subjects: nothing is named

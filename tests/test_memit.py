@@ -173,3 +173,22 @@ def test_alphaedit_writes_new_keys_and_leaves_the_preserved_and_earlier_keys_alo
     assert torch.nn.functional.cosine_similarity(written, residuals.double(), dim=1).min() > 0.5
     unprojected = alphaedit_update(new_keys, residuals, projector, torch.zeros(d_mlp, d_mlp), l2=1e-3)
     assert (unprojected @ earlier.T).norm() > 100 * (delta @ earlier.T).norm()  # C_prev is what protects them
+
+
+def test_alphaedit_null_space_by_energy_keeps_the_directions_that_hold_the_keys():
+    from editing.alphaedit import AlphaEditConfig, null_space_projector
+
+    torch.manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0]
+    spectrum = torch.tensor([0.001] * 4 + [0.01] * 4 + [1.0] * 8, dtype=torch.float64)  # sum 8.044
+    c0 = basis @ torch.diag(spectrum) @ basis.T
+    by_energy = null_space_projector(c0, energy=0.006)  # 0.044 / 8.044 = 0.0055: both small groups
+    assert torch.linalg.matrix_rank(by_energy) == 8
+    assert (by_energy @ basis[:, 8:]).abs().max() < 1e-10  # the directions that carry the keys: untouched
+    assert torch.linalg.matrix_rank(null_space_projector(c0, energy=0.001)) == 4  # only the smallest group fits
+    assert torch.linalg.matrix_rank(null_space_projector(c0, threshold=0.005)) == 4  # the papers' rule
+    with pytest.raises(ValueError, match="exactly one"):
+        null_space_projector(c0, threshold=0.1, energy=0.01)
+    for bad in (dict(nullspace_energy=1.0), dict(nullspace_energy=-0.1), dict(nullspace_threshold=0.0), dict(l2=-1.0)):
+        with pytest.raises(ValueError):
+            AlphaEditConfig(**bad)
