@@ -15,8 +15,10 @@ def memit_parser() -> cli.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", default=cli.DEFAULT_MODEL, type=cli.text,
                         help=f"model name or folder (default: the embedded {cli.DEFAULT_MODEL})")
-    parser.add_argument("--facts", default=None, type=cli.existing_file,
-                        help="CounterFact or zsRE JSON with the edits (default: the bundled known facts)")
+    parser.add_argument("--facts", default=None, type=cli.facts_source,
+                        help="the edits: a dataset name (counterfact, zsre, mquake, knowedit-*, ...), downloaded once "
+                             "into the cache, or a CounterFact, zsRE, MQuAKE or KnowEdit JSON file (default: the "
+                             "bundled known facts)")
     parser.add_argument("-n", "--n-edits", type=cli.int_at_least(1), default=100,
                         help="how many facts to edit at once, one per subject (default 100)")
     parser.add_argument("--layers", default=None, type=cli.layer_list,

@@ -46,6 +46,7 @@ INPUTS = {  # written into the test's folder before each case; {tmp} in an argum
     "same_target.json": json.dumps([SAME_TARGET.to_counterfact()]),
     "no_target_new.json": json.dumps([dataclasses.replace(GERMANY, target_new=None).to_counterfact()]),
     "results.json": json.dumps({"not": "a list"}),
+    "no_subject.json": json.dumps([{"requested_rewrite": {"prompt": "{} is in", "target_true": {"str": "Paris"}}}]),
     "trace.npz": "not an npz archive",
 }
 
@@ -157,6 +158,10 @@ CLI_CASES = [
     ("memit-out-dir-is-a-file", "editing.memit", ["tiny-llama", "--out-dir", "{tmp}/afile.txt"],
      "is a file, not a folder", False),
     ("memit-facts-missing", "editing.memit", ["tiny-llama", "--facts", "{tmp}/nope.json"], "does not exist", False),
+    ("memit-facts-not-a-dataset-name", "editing.memit", ["tiny-llama", "--facts", "counterfactual"],
+     "is no dataset name (known: counterfact,", False),
+    ("memit-facts-record-without-subject", "editing.memit", ["tiny-llama", "--facts", "{tmp}/no_subject.json"],
+     "record 0: missing field 'requested_rewrite.subject'", False),
     ("memit-folder-not-a-model", "editing.memit", ["{tmp}/notamodel"], "no config.json", False),
     ("memit-no-known-layers", "editing.memit", ["tiny-llama", "-n", "2"], "no critical layers known", True),
     ("memit-layers-out-of-range", "editing.memit", ["tiny-llama", "--layers", "9"], "out of range", True),

@@ -28,6 +28,7 @@ _EXPORTS = {
     "Fact": "tracing.facts",
     "known_facts": "tracing.facts",
     "load_facts": "tracing.facts",
+    "load_dataset": "tracing.datasets",
     "locate": "tracing.locate",
     "LayerSet": "tracing.layer_set",
     "critical_layers_for": "tracing.layer_set",

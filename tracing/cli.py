@@ -129,6 +129,18 @@ def existing_file(value: str) -> Path:
     return path
 
 
+def facts_source(value: str) -> Path | str:
+    """A registered dataset name (returned as given) or an existing file."""
+    from tracing.dataset_sources import dataset_names, dataset_source
+
+    if dataset_source(text(value)) is not None and not Path(value).expanduser().exists():
+        return value.strip()
+    if not Path(text(value)).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"file '{Path(value).expanduser()}' does not exist, and it is no dataset "
+                                         f"name (known: {', '.join(dataset_names())})")
+    return existing_file(value)
+
+
 def output_file(value: str) -> Path:
     """A file to write: not an existing folder, not inside an existing file."""
     path = Path(text(value)).expanduser()
@@ -276,18 +288,22 @@ def check_answer(model, answer: str, allow_multi_token: bool, option: str = "--a
              "--allow-multi-token-answer to trace the first token anyway")
 
 
-def facts_from(path: Path | None) -> list:
-    """The facts in a CounterFact/zsRE file given on the command line, or the bundled known facts."""
-    from tracing.facts import known_facts, load_facts
+def facts_from(source: Path | str | None) -> list:
+    """The facts of a dataset given on the command line (a file, or a name such as ``counterfact``, downloaded
+    once into the cache), or the bundled known facts."""
+    from tracing.datasets import DatasetUnavailableError, load_dataset
+    from tracing.facts import known_facts
 
-    if path is None:
+    if source is None:
         return known_facts()
     try:
-        facts = load_facts(path)
+        facts = load_dataset(source)
+    except DatasetUnavailableError as error:
+        fail(error)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        fail(f"cannot read facts from '{path}': {type(error).__name__}: {error}")
+        fail(f"cannot read facts from '{source}': {type(error).__name__}: {error}")
     if not facts:
-        fail(f"'{path}' holds no facts")
+        fail(f"'{source}' holds no facts")
     return facts
 
 
@@ -302,8 +318,9 @@ def locate_parser() -> ArgumentParser:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, type=text,
                         help=f"model name or folder (default: the embedded {DEFAULT_MODEL})")
     parser.add_argument("--facts", type=int_at_least(1), default=40, help="how many facts to trace (default 40)")
-    parser.add_argument("--facts-file", default=None, type=existing_file,
-                        help="CounterFact/zsRE JSON instead of the bundled known facts")
+    parser.add_argument("--facts-file", default=None, type=facts_source,
+                        help="a dataset name (counterfact, zsre, mquake, knowedit-*, ...) or a CounterFact, zsRE, "
+                             "MQuAKE or KnowEdit JSON file, instead of the bundled known facts")
     parser.add_argument("--kinds", default=("mlp",), type=kind_list,
                         help="comma-separated kinds (resid, mlp, attn), or 'all'; mlp is always traced")
     parser.add_argument("--samples", type=int_at_least(1), default=10, help="noise samples per cell (default 10)")

@@ -199,13 +199,13 @@ def encode_fact(model, fact: Fact) -> tuple[EncodedPrompt, tuple[int, int]]:
 
 
 def load_counterfact(path: str | Path, limit: int | None = None) -> list[Fact]:
-    records = _read_records(path)
+    records = read_records(path)
     return [Fact.from_counterfact(r) for r in records[:limit]]
 
 
 def load_zsre(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> list[Fact]:
     """zsRE records as facts (:meth:`Fact.from_zsre`); see :func:`zsre_facts` for ``skip_invalid``."""
-    return zsre_facts(_read_records(path)[:limit], skip_invalid)
+    return zsre_facts(read_records(path)[:limit], skip_invalid)
 
 
 def zsre_facts(records: Sequence[dict[str, Any]], skip_invalid: bool = False) -> list[Fact]:
@@ -228,7 +228,7 @@ def zsre_facts(records: Sequence[dict[str, Any]], skip_invalid: bool = False) ->
 def load_facts(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> list[Fact]:
     """Load CounterFact- or zsRE-format JSON (list of records, or JSON lines), detected from the keys
     (``skip_invalid``: see :func:`zsre_facts`)."""
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         return []
     if "requested_rewrite" in records[0]:
@@ -242,7 +242,8 @@ def save_facts(facts: Iterable[Fact], path: str | Path) -> None:
     write_json_atomic(path, [f.to_counterfact() for f in facts])
 
 
-def _read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON file: a list of objects, or one object per line (JSON lines)."""
     text = Path(path).read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
