@@ -2,7 +2,8 @@
 
 The ground floor that tracing and editing both stand on: ``models`` (loading), ``adapter`` (hook names),
 ``tokens``, ``facts``, ``io``, ``blocks``, ``hooks``, ``activations``, ``state``, ``layer_set``. On top:
-``noise``, ``engine``, ``causal_trace``, ``average``, ``locate``, ``plot`` and the command lines.
+``noise``, ``engine``, ``causal_trace``, ``average``, ``locate``, ``plot``, ``interactive`` and the command
+lines.
 
     from tracing import load_model, trace_prompt, plot_trace
     model = load_model()
@@ -25,6 +26,8 @@ _EXPORTS = {
     "plot_trace": "tracing.plot",
     "plot_trace_comparison": "tracing.plot",
     "plot_average_effect": "tracing.plot",
+    "interactive_trace": "tracing.interactive",
+    "interactive_average_effect": "tracing.interactive",
     "Fact": "tracing.facts",
     "known_facts": "tracing.facts",
     "load_facts": "tracing.facts",

@@ -69,7 +69,8 @@ def draw_heatmap(ax, values: np.ndarray, row_labels: Sequence[str], kind: str, *
     return image
 
 
-def _xlabel(kind: str, window: int) -> str:
+def layer_axis_label(kind: str, window: int) -> str:
+    """What a column of a ``kind`` panel means: one layer, or the centre of a window of layers."""
     if kind == "resid":
         return "single restored layer"
     return f"centre of {window} restored {'MLP' if kind == 'mlp' else 'attention'} layers"
@@ -88,8 +89,6 @@ def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = No
     labels = token_labels(trace.tokens, trace.subject_range)
     width, height = _panel_size(trace, margin=1.3)
     noising = trace.direction == "noising"
-    verb = "Corrupting" if noising else "Restoring"
-    estimate = " (AtP)" if trace.method == "atp" else ""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), height), squeeze=False)
         for ax, kind in zip(axes[0], kinds):
@@ -97,15 +96,23 @@ def plot_trace(trace, kinds: Sequence[str] | None = None, title: str | None = No
                          vmin=None if noising else trace.corrupted_prob, vmax=trace.clean_prob if noising else None,
                          cmap=KIND_COLORMAPS[kind] + "_r" if noising else None,
                          colorbar_label=metric_label(trace.metric, trace.answer, trace.counterfactual),
-                         title=f"{verb} {KIND_TITLES[kind]}{estimate}", xlabel=_xlabel(kind, trace.window))
+                         title=panel_title(trace, kind), xlabel=layer_axis_label(kind, trace.window))
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
-        fig.suptitle(title or _default_title(trace), fontsize=10, y=1.0)
+        fig.suptitle(title or trace_title(trace), fontsize=10, y=1.0)
         fig.tight_layout()
     return fig
 
 
-def _default_title(trace) -> str:
+def panel_title(trace, kind: str) -> str:
+    """A panel's title: what was done to which state, e.g. "Restoring MLP output (AtP)"."""
+    verb = "Corrupting" if trace.direction == "noising" else "Restoring"
+    estimate = " (AtP)" if trace.method == "atp" else ""
+    return f"{verb} {KIND_TITLES[kind]}{estimate}"
+
+
+def trace_title(trace) -> str:
+    """A trace figure's title: model, prompt, answer, clean and corrupted scores, and how it was made."""
     short = "p" if trace.metric == "prob" else "logit diff"
     return (f"{trace.model_name}: \"{trace.prompt}\" → {trace.answer.strip()!r}   "
             f"(clean {short}={trace.clean_prob:.2f}, corrupted {short}={trace.corrupted_prob:.2f})\n"
@@ -137,7 +144,7 @@ def plot_average_effect(effects: Sequence, title: str | None = None):
         for ax, effect, values in zip(axes[0], effects, clipped):
             draw_heatmap(ax, values, effect.roles, effect.kind, vmin=0.0, vmax=vmax, colorbar_label="AIE",
                          title=f"Restoring {KIND_TITLES[effect.kind]}",
-                         xlabel=_xlabel(effect.kind, effect.window))
+                         xlabel=layer_axis_label(effect.kind, effect.window))
         for ax in axes[0][1:]:
             ax.set_yticklabels([])
         fig.suptitle(title or f"Average indirect effect over {effects[0].n_facts} facts", fontsize=10)
@@ -191,15 +198,18 @@ def plot_trace_comparison(before, after, kinds: Sequence[str] | None = None, tit
             name = KIND_TITLES[kind]
             draw_heatmap(row[0], effect_before, labels, kind, vmin=0.0, vmax=top,
                          colorbar_label="indirect effect",
-                         title=f"before: p({before.answer.strip()}), {name}", xlabel=_xlabel(kind, before.window))
+                         title=f"before: p({before.answer.strip()}), {name}",
+                         xlabel=layer_axis_label(kind, before.window))
             draw_heatmap(row[1], effect_after, labels, kind, vmin=0.0, vmax=top,
                          colorbar_label="indirect effect",
-                         title=f"after: p({after.answer.strip()}), {name}", xlabel=_xlabel(kind, after.window))
+                         title=f"after: p({after.answer.strip()}), {name}",
+                         xlabel=layer_axis_label(kind, after.window))
             difference = effect_after - effect_before
             # at least a tenth of the effect scale, so that rounding noise (an unchanged neighbour) stays white
             bound = max(float(np.abs(difference).max()), 0.1 * top)
             draw_heatmap(row[2], difference, labels, kind, vmin=-bound, vmax=bound, cmap="RdBu_r",
-                         colorbar_label="after − before", title="difference", xlabel=_xlabel(kind, after.window))
+                         colorbar_label="after − before", title="difference",
+                         xlabel=layer_axis_label(kind, after.window))
             for ax in row[1:]:
                 ax.set_yticklabels([])
         fig.suptitle(title or f"{before.model_name}: \"{before.prompt}\"", fontsize=10)
