@@ -23,6 +23,7 @@ _EXPORTS = {
     "apply_rome": "editing.rome",
     "WiseConfig": "editing.wise",
     "WiseEditor": "editing.wise",
+    "WiseEasyEditConfig": "editing.wise",
     "GraceConfig": "editing.grace",
     "GraceEditor": "editing.grace",
     "WeightEdit": "editing.weights",

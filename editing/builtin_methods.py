@@ -9,7 +9,7 @@ from editing.memit import MemitConfig, apply_memit
 from editing.rome import RomeConfig, apply_rome
 from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
 from editing.weight_editor import WeightEditor
-from editing.wise import WiseConfig, WiseEditor
+from editing.wise import WiseConfig, WiseEasyEditConfig, WiseEditor
 
 register(Method(
     "memit", MemitConfig,
@@ -26,6 +26,11 @@ register(Method(
     create=lambda model, config: WiseEditor(config).attach(model),
     load=lambda path, model: WiseEditor.load(path).attach(model),
     lifelong=True, summary="WISE: side memories behind an activation router (weights unchanged)"))
+register(Method(
+    "wise-easyedit", WiseEasyEditConfig,
+    create=lambda model, config: WiseEditor(config).attach(model),
+    load=lambda path, model: WiseEditor.load(path).attach(model),
+    lifelong=True, summary="WISE as EasyEdit runs it: its margins, threshold and routing rule (a reference)"))
 register(Method(
     "grace", GraceConfig,
     create=lambda model, config: GraceEditor(config).attach(model),

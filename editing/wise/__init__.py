@@ -6,14 +6,15 @@ down-projection; a router sends an input to a side memory only when that memory'
 large. Where this implementation differs from the paper and EasyEdit, and what each choice measured, is
 in docs/wise.md.
 
-``config`` (hyperparameters), ``routing`` (scores and the routing decision), ``memory`` (side memories,
-shards, merges), ``negatives`` and ``calibration`` (what the router is trained and calibrated against),
-``editor`` (:class:`WiseEditor`: hooks, editing, persistence).
+``config`` (hyperparameters), ``easyedit`` (EasyEdit's algorithm as a preset), ``routing`` (scores and the
+routing decision), ``memory`` (side memories, shards, merges), ``negatives`` and ``calibration`` (what the
+router is trained and calibrated against), ``editor`` (:class:`WiseEditor`: hooks, editing, persistence).
 """
 
 from editing.ties import ties_merge
 from editing.wise.calibration import FloorCalibrator
 from editing.wise.config import WiseConfig, default_layer
+from editing.wise.easyedit import WiseEasyEditConfig
 from editing.wise.editor import EditResult, WiseEditor
 from editing.wise.memory import SideMemory
 from editing.wise.negatives import NegativeSampler, unrelated_texts
@@ -22,5 +23,5 @@ from editing.wise.routing import (Routing, activation_scores, calibrated_floors,
                                   running_score)
 
 __all__ = ["EditResult", "FloorCalibrator", "NegativeSampler", "Relations", "Routing", "SideMemory", "WiseConfig",
-           "WiseEditor", "activation_scores", "calibrated_floors", "common_directions", "default_layer", "row_score",
-           "running_score", "ties_merge", "unrelated_texts"]
+           "WiseEasyEditConfig", "WiseEditor", "activation_scores", "calibrated_floors", "common_directions",
+           "default_layer", "row_score", "running_score", "ties_merge", "unrelated_texts"]

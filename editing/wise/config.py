@@ -7,6 +7,7 @@ each one does and what it changed is in docs/wise.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from editing.side_layer import default_layer
 
@@ -14,6 +15,8 @@ SCORES = ("max", "mean")
 SCORE_POSITIONS = ("prompt", "target")
 CALIBRATION_SCOPES = ("fact", "subject")
 CALIBRATION_MODES = ("joint", "memory")
+CHOICES = ("ratio", "score")
+MARGIN_MEANS = ("all", "violated")
 LOC_PREFIXES = ("In", "We", "It", "My", "This", "When", "There", "She", "He", "They", "A", "After", "For", "If",
                 "On", "One", "Our", "Today", "What", "How", "Why", "Yesterday", "Please", "Thanks", "Water",
                 "Music", "Science", "Python", "Dear", "Once", "Most", "Every")
@@ -35,6 +38,8 @@ class WiseConfig:
     ``calibration_quantile`` sets how strict the threshold floor is: 1.0 keeps every calibration prompt on
     the main memory; 0.99 lets the top 1 % through and answers more edits (see docs/wise.md).
     """
+
+    method: ClassVar[str] = "wise"  # the registered method an editor with this config is
 
     layer: int | None = None  # None: default_layer(n_layers)
     n_iter: int = 70
@@ -70,6 +75,10 @@ class WiseConfig:
     calibration_scope: str = "fact"  # calibration leaves out prompts of edited facts, or of edited "subject"s
     common_directions: int = 32  # top directions of generic keys the side memories ignore (0: none)
     noise_multiplier: float = 3.0  # their noise, in subject-embedding stds (ROME's 3)
+    choose: str = "ratio"  # of several memories above threshold: furthest above as a "ratio", or largest "score"
+    margin_mean: str = "all"  # each margin term averages its hinge over "all" rows, or the "violated" ones only
+    weight_decay: float = 0.0  # SGD weight decay on the side weight W + Δ, every entry (EasyEdit: 1e-5)
+    bare_contexts: bool = True  # the context prefixes without a prompt are unrelated rows
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +94,12 @@ class WiseConfig:
             raise ValueError(f"calibration_scope must be one of {CALIBRATION_SCOPES}, not {self.calibration_scope!r}")
         if self.score_positions not in SCORE_POSITIONS:
             raise ValueError(f"score_positions must be one of {SCORE_POSITIONS}, not {self.score_positions!r}")
+        if self.choose not in CHOICES:
+            raise ValueError(f"choose must be one of {CHOICES}, not {self.choose!r}")
+        if self.margin_mean not in MARGIN_MEANS:
+            raise ValueError(f"margin_mean must be one of {MARGIN_MEANS}, not {self.margin_mean!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
 
     def resolved_layer(self, n_layers: int) -> int:
         layer = default_layer(n_layers) if self.layer is None else self.layer

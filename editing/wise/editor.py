@@ -26,12 +26,13 @@ from editing.targets import frozen_weights
 from editing.weights import weight_fingerprint
 from editing.wise.calibration import FloorCalibrator
 from editing.wise.config import WiseConfig
+from editing.wise.easyedit import WiseEasyEditConfig
 from editing.wise.memory import (SideMemory, finite_or_none, inf_if_none, memory_from_record, memory_record,
                                  merge_shards, new_shard, to_saved)
 from editing.wise.negatives import NegativeSampler, prompt_pools, unrelated_texts
 from editing.wise.relations import Relations
-from editing.wise.routing import (Routing, activation_scores, common_directions, decide, masked_mean, real_positions,
-                                  routed_output, row_score, running_score, valid_mask, without_common)
+from editing.wise.routing import (Routing, activation_scores, common_directions, decide, hinge_mean, masked_mean,
+                                  real_positions, routed_output, row_score, running_score, valid_mask, without_common)
 from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
 from tracing.blocks import BlockCalls, logits_of, record_rows, replay_later_blocks
@@ -114,6 +115,7 @@ class WiseEditor(Editor):
         bundled :func:`tracing.candidates.relation_templates`); ``subjects``: per relation id, subjects whose
         prompts in that relation are the relation negatives of its edits (None: the bundled candidates')."""
         self.config = config
+        self.method = config.method  # "wise", or "wise-easyedit" for EasyEdit's preset
         self.relations = Relations(
             {r: tuple(t) for r, t in (relation_templates() if templates is None else templates).items()})
         self.subjects = {r: tuple(t) for r, t in (relation_subjects() if subjects is None else subjects).items()}
@@ -190,7 +192,7 @@ class WiseEditor(Editor):
         rows = [encode(model, p) for p in prompts]
         keys = self._keys(model, rows)
         statistic, choice, _, _ = decide(keys, valid_mask(rows, keys.device), *self._routing_table(),
-                                         self.config.score)
+                                         self.config.score, choose=self.config.choose)
         index, last = torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])
         scores, chosen = statistic[:, index, last], choice[index, last]
         return [Routing(p, int(chosen[i]) if chosen[i] >= 0 else None, scores[:, i].tolist(), self.thresholds())
@@ -273,7 +275,7 @@ class WiseEditor(Editor):
         fits = self._carry is not None and tuple(self._carry.shape[1:]) == (len(self.memories), key.shape[0])
         carry = self._carry if call.past > 0 and fits else None
         _, choice, change, self._carry = decide(key, real_positions(call.mask, key), *self._routing_table(),
-                                                self.config.score, carry)
+                                                self.config.score, carry, self.config.choose)
         return routed_output(value, choice, change)
 
     def _routing_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +387,7 @@ class WiseEditor(Editor):
         config = self.config
         delta = self.current.delta.clone().requires_grad_(True)
         mask = self.mask.to(delta.dtype)
+        main = self._main_weight(model, delta) if config.weight_decay else None
         previous, value, step = math.inf, math.inf, 0
         for step in range(config.n_iter):
             parts = self._loss(model, batch, delta)
@@ -398,11 +401,19 @@ class WiseEditor(Editor):
             previous = value
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta.sub_(config.edit_lr * grad * mask)
+                update = config.edit_lr * grad * mask
+                if main is not None:  # EasyEdit's SGD decays the side weight W + Δ, after the mask
+                    update = update + config.edit_lr * config.weight_decay * (main + delta)
+                delta.sub_(update)
                 delta.clamp_(-config.norm_constraint, config.norm_constraint)
         self.current.delta = delta.detach()
         self.current.calibration_scores = None
         return step + 1, value
+
+    def _main_weight(self, model, delta: torch.Tensor) -> torch.Tensor:
+        """The main down-projection W as (d_model, d_mlp), like Δ: weight decay shrinks the side weight
+        W + Δ, every entry, so it pulls Δ towards -W."""
+        return ModelAdapter.of(model).read_down_projection(model, self.layer).to(delta.device, delta.dtype)
 
     def _loss(self, model, batch: _Batch, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy of the new targets plus the three routing margins, every row through Δ. The edit
@@ -416,13 +427,24 @@ class WiseEditor(Editor):
         nll = -torch.log_softmax(logits.float(), -1).gather(1, batch.target_tokens[:, None])[:, 0]
         in_rows = self._in_scores(torch.linalg.vector_norm(change, dim=-1), batch.valid, batch.decision)  # (R,)
         out_rows = row_score(activation_scores(batch.unrelated_keys, delta), batch.unrelated_valid, config.score)
-        return {
-            "nll": (nll * batch.target_weights).sum(),
-            "below_alpha": torch.relu(out_rows - config.alpha).mean(),
-            "above_beta": torch.relu(config.beta - in_rows).sum() / len(self._contexts),
-            "gap": torch.relu(out_rows[None, :] - in_rows[:, None] + config.gamma).mean(1).sum() / len(self._contexts),
-            "replay": self._replay_loss(batch, delta),
-        }
+        return {"nll": (nll * batch.target_weights).sum(), **self._margins(in_rows, out_rows, batch.fact),
+                "replay": self._replay_loss(batch, delta)}
+
+    def _margins(self, in_rows: torch.Tensor, out_rows: torch.Tensor, fact: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The three routing margins on the edit rows' scores ``in_rows`` (R,) (``fact``: whose row) and the
+        unrelated rows' ``out_rows`` (J,), each hinge averaged per fact and summed over the facts.
+        ``margin_mean="violated"`` averages only over the entries that violate the margin (EasyEdit)."""
+        config = self.config
+        below_alpha = torch.relu(out_rows - config.alpha)
+        above_beta = torch.relu(config.beta - in_rows)
+        gap = torch.relu(out_rows[None, :] - in_rows[:, None] + config.gamma)  # (R, J)
+        if config.margin_mean == "violated":
+            facts = range(int(fact.max()) + 1)
+            return {"below_alpha": hinge_mean(below_alpha, True),
+                    "above_beta": sum(hinge_mean(above_beta[fact == f], True) for f in facts),
+                    "gap": sum(hinge_mean(gap[fact == f], True) for f in facts)}
+        return {"below_alpha": below_alpha.mean(), "above_beta": above_beta.sum() / len(self._contexts),
+                "gap": gap.mean(1).sum() / len(self._contexts)}
 
     def _replay_loss(self, batch: _Batch, delta: torch.Tensor) -> torch.Tensor:
         """ReLU(min_act - score) over the replayed earlier edits: keeps them above the shard's threshold."""
@@ -460,7 +482,8 @@ class WiseEditor(Editor):
         groups = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         self._contexts = [context for group in groups for context in group]
         texts = unrelated_texts(model, config.loc_prefixes, config.loc_length, config.seed)
-        texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]
+        if config.bare_contexts:
+            texts += [c.replace(SLOT, "").strip() for c in self._contexts if c != SLOT]
         keys, valid = self._prompt_keys(model, texts)
         self.negative_prompts, self.calibration_prompts = prompt_pools(config, self.negative_prompts,
                                                                        self.calibration_prompts)
@@ -548,6 +571,7 @@ class WiseEditor(Editor):
         if self.common is not None and self.common.numel():
             tensors["common"] = to_saved(self.common)
         meta = {
+            "method": self.method,
             "config": dataclasses.asdict(self.config),
             "layer": self.layer,
             "model_name": self.model_name,
@@ -571,7 +595,8 @@ class WiseEditor(Editor):
         to ``model`` when one is given."""
         tensors, meta = load_tensors(path, "factlens_wise")
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-        editor = cls(WiseConfig(**config), meta.get("negatives"), meta.get("calibration"), meta.get("templates"),
+        config_class = WiseEasyEditConfig if meta.get("method") == WiseEasyEditConfig.method else WiseConfig
+        editor = cls(config_class(**config), meta.get("negatives"), meta.get("calibration"), meta.get("templates"),
                      meta.get("subjects"))
         *stored, current = meta["memories"]
         editor.stored = [memory_from_record(tensors[f"stored.{i}"], r) for i, r in enumerate(stored)]

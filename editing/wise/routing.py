@@ -82,16 +82,28 @@ def activation_scores(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def decide(keys: torch.Tensor, valid: torch.Tensor | None, deltas: torch.Tensor, thresholds: torch.Tensor,
-           kind: str, carry: torch.Tensor | None = None):
+           kind: str, carry: torch.Tensor | None = None, choose: str = "ratio"):
     """For keys (b, s, d_mlp) and memories ``deltas`` (k, d_model, d_mlp): per memory the output change
     (k, b, s, d_model) and the running statistic (k, b, s); per position the chosen memory (of the memories
-    above their thresholds, the one furthest above, as a ratio; -1 = main memory); and the next carry."""
+    above their thresholds, the one furthest above as a ratio, or with ``choose="score"`` the one with the
+    largest statistic, EasyEdit's rule; -1 = main memory); and the next carry."""
     change = torch.einsum("bsm,kdm->kbsd", keys.to(deltas.dtype), deltas)
     statistic, carry = running_score(torch.linalg.vector_norm(change, dim=-1), valid, kind, carry)
     eligible = statistic > thresholds[:, None, None]
-    margin = statistic / thresholds.clamp(min=1e-6)[:, None, None]  # how far above its own threshold
+    if choose == "score":
+        margin = statistic
+    else:  # how far above its own threshold
+        margin = statistic / thresholds.clamp(min=1e-6)[:, None, None]
     best = margin.masked_fill(~eligible, -math.inf).argmax(0)
     return statistic, torch.where(eligible.any(0), best, torch.full_like(best, -1)), change, carry
+
+
+def hinge_mean(hinge: torch.Tensor, violated_only: bool) -> torch.Tensor:
+    """Mean of a margin's hinge values (ReLU outputs): over every entry, or with ``violated_only`` over the
+    entries that violate the margin (the positive ones; 0 if none), as EasyEdit averages its margins."""
+    if not violated_only:
+        return hinge.mean()
+    return hinge.sum() / (hinge > 0).sum().clamp(min=1)
 
 
 def routed_output(value: torch.Tensor, choice: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
