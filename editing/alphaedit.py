@@ -65,7 +65,7 @@ def null_space_projector(c0: torch.Tensor, threshold: float | None = None, energ
 def alphaedit_update(keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor,
                      previous: torch.Tensor, l2: float) -> torch.Tensor:
     """ΔW (d_model, d_mlp) in float64 for ``keys`` (n, d_mlp) and ``residuals`` (n, d_model)."""
-    k, r = keys.double().T, residuals.double().T
+    k, r = keys.double().T, residuals.to(keys.device, torch.float64).T
     identity = torch.eye(len(projector), dtype=k.dtype, device=k.device)
     system = projector @ (k @ k.T + previous) + l2 * identity
     return torch.linalg.solve(system, projector @ k @ r.T).T

@@ -43,6 +43,7 @@ from tracing.adapter import ModelAdapter
 from tracing.distributed import all_reduce_sum, barrier, world
 from tracing.io import atomic_path, write_json_atomic
 from tracing.models import ModelUnavailableError, cache_dir, model_spec
+from tracing.placement import input_device, model_dtype
 from tracing.tokens import encode
 
 PACKAGED_CORPORA = Path(__file__).parent / "data" / "corpora"
@@ -264,10 +265,10 @@ def measure_key_stats(model, layers: Sequence[int], corpus: CorpusConfig = Corpu
     if tokens == 0:
         raise ValueError("the corpus produced no tokens")
     if current.is_main:
-        model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        weights_dtype = str(model_dtype(model)).removeprefix("torch.")
         for layer in layers:
             info = StatsInfo(model_spec(model).name, layer, d_mlp, corpus_id(corpus), corpus.source, texts, tokens,
-                             corpus.max_tokens, budget, str(sums[layer].dtype).removeprefix("torch."), model_dtype,
+                             corpus.max_tokens, budget, str(sums[layer].dtype).removeprefix("torch."), weights_dtype,
                              factlens=factlens_version())
             save_key_stats(stats_path(model, layer, corpus), sums[layer], info)
     barrier()  # the statistics are on disk before any rank lets its checkpoint go
@@ -304,7 +305,7 @@ def _accumulate(model, layers: list[int], batches: Iterable[list[list[int]]], co
     """Add Kᵀ K of this rank's batches after ``progress.next_batch`` to ``progress.sums``; ``save`` it every
     ``corpus.checkpoint_every`` batches."""
     adapter = ModelAdapter.of(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     sums = {layer: progress.sums[layer].to(device) for layer in layers}
     current = world()

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tracing.placement import input_device
 from tracing.tokens import encode
 
 
@@ -22,7 +23,7 @@ def sample_continuations(model, prompts: Sequence[str], max_new_tokens: int, *, 
     """
     hf_model = model.original_model
     tokenizer = model.tokenizer
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -39,6 +39,7 @@ from tracing.blocks import logits_of, record_rows, replay_later_blocks
 from tracing.facts import Fact
 from tracing.hooks import add_permanent_hooks
 from tracing.io import load_tensors, save_tensors_atomic
+from tracing.placement import input_device
 from tracing.tokens import encode, target_token_ids
 
 
@@ -140,7 +141,7 @@ class GraceEditor(HookedEditor):
         if not self._active or key is None or self.keys is None:
             return None
         entry, hit = self._nearest(key.float())
-        return torch.where(hit[..., None], self.values[entry].to(value.dtype), value)
+        return torch.where(hit[..., None].to(value.device), self.values[entry].to(value.device, value.dtype), value)
 
     def _nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of the nearest stored key at each position, and whether it lies within its radius."""
@@ -227,7 +228,7 @@ class GraceEditor(HookedEditor):
             hidden = recorded.hidden.clone()
             hidden[0, position] = base + value.to(hidden.dtype)
             final = replay_later_blocks(self.model, self.layer, recorded.calls, hidden)
-            logits = logits_of(self.model, final[0, positions])
+            logits = logits_of(self.model, final[0, positions].to(tokens.device))
             loss = torch.nn.functional.cross_entropy(logits.float(), tokens)
             optimizer.zero_grad()
             loss.backward()
@@ -243,4 +244,4 @@ class GraceEditor(HookedEditor):
                               positions=[len(row) - 1])[0]
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)

@@ -144,7 +144,7 @@ def memit_update(keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor, 
     ``λ E_k‖ΔW k‖² + Σ_i ‖ΔW k_i - r_i‖²``: it writes the residuals at the new keys while keeping the
     outputs for keys from the corpus (second moment C0) nearly unchanged.
     """
-    keys, residuals, c0 = keys.double(), residuals.double(), c0.to(keys.device, torch.float64)
+    keys, residuals, c0 = keys.double(), residuals.to(keys.device, torch.float64), c0.to(keys.device, torch.float64)
     adjusted = torch.linalg.solve(mom2_weight * c0 + keys.T @ keys, keys.T)  # (d_mlp, n)
     return residuals.T @ adjusted.T
 
@@ -179,7 +179,7 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             keys = compute_keys(model, requests, layer, templates)
             current = current_outputs(model, requests, z_layer)
             # what is still missing at the z layer, spread evenly over this and the remaining layers
-            residuals = (zs.double() - current.double()) / (len(layers) - i)
+            residuals = (zs.double() - current.to(zs.device, torch.float64)) / (len(layers) - i)
             if solver is None:
                 delta = memit_update(keys, residuals, mom2[layer], mom2_weight).float()
             else:
@@ -187,7 +187,7 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             deltas[layer] = delta.cpu()
             weight = adapter.down_projection(model, layer)
             with torch.no_grad():  # later layers are computed on the partly edited model
-                weight.add_(adapter.to_stored_orientation(model, layer, delta).to(weight.dtype))
+                weight.add_(adapter.to_stored_orientation(model, layer, delta).to(weight.device, weight.dtype))
     finally:
         with torch.no_grad():
             for layer, original in originals.items():

@@ -187,6 +187,7 @@ class SubjectMemoryEditor(HookedEditor):
         rows, positions, entries = self._entries_at(value, tokens)
         if len(entries) == 0:
             return None
+        rows, positions, entries = (column.to(value.device) for column in (rows, positions, entries))
         deltas = self.deltas.to(value.device, value.dtype)[entries]
         return value.index_put((rows, positions), deltas, accumulate=True)
 

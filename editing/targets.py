@@ -26,6 +26,7 @@ from editing.prompts import in_context, subject_row
 from tracing.adapter import ModelAdapter
 from tracing.blocks import BlockCalls, call_block, capture_block_calls, filled_cache, logits_of
 from tracing.facts import Fact
+from tracing.placement import input_device
 from tracing.tokens import target_token_ids
 
 KL_TEMPLATE = "{} is a"
@@ -83,7 +84,7 @@ class _Group:
 
     def __init__(self, model, rows: list[_Row], layer: int) -> None:
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        device = next(model.parameters()).device
+        device = input_device(model)
         width = 1 + max(r.lookup for r in rows)  # >= 1 column so every row has a (masked) prefix
         prefix = [[pad] * (width - r.lookup) + list(r.ids[: r.lookup]) for r in rows]
         suffix = [list(r.ids[r.lookup:]) for r in rows]
@@ -127,11 +128,12 @@ class _Group:
     def forward(self, model, delta: torch.Tensor, n_requests: int):
         """Per-request (summed weighted NLL, KL-row log-probs or None) for the active rows with shift δ."""
         base = self._calls.kept[self.hook]
-        shifted = base[:, :1] + delta[self._request][:, None].to(base.dtype)
+        shifted = base[:, :1] + delta[self._request][:, None].to(base.device, base.dtype)
         hidden = torch.cat([shifted, base[:, 1:]], dim=1)
         for block in range(self.layer + 1, len(model.blocks)):
             keys, values = self._kv[block]
             hidden = call_block(model, block, hidden, self._calls.arguments[block], keys, values)
+        hidden = hidden.to(self.device)  # the last block's GPU under a device map; the indices live here
         nll = torch.zeros(n_requests, device=self.device)
         if len(self._target_rows):
             logits = logits_of(model, hidden[self._target_rows, self._target_positions])
@@ -192,6 +194,7 @@ def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: lis
             location[i] = (len(groups), position)
         groups.append(_Group(model, [rows[i] for i in indices], layer))
     target_init = torch.stack([groups[location[i][0]].base_state(location[i][1]) for i in bare]).float()
+    target_init = target_init.to(input_device(model))  # δ lives beside the requests' indices
 
     n = len(requests)
     device = target_init.device

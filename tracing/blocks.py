@@ -180,5 +180,6 @@ def record_rows(model, tokens: torch.Tensor, layer: int) -> RecordedRows:
 
 
 def logits_of(model, final_hidden: torch.Tensor) -> torch.Tensor:
-    """Logits for a (rows, d_model) batch of final-block outputs (final norm + unembedding)."""
-    return model.unembed(model.ln_final(final_hidden[:, None, :]))[:, 0]
+    """Logits for a (rows, d_model) batch of final-block outputs (final norm + unembedding), on the
+    device of ``final_hidden`` (under a device map the unembedding may live on another GPU)."""
+    return model.unembed(model.ln_final(final_hidden[:, None, :]))[:, 0].to(final_hidden.device)

@@ -50,6 +50,7 @@ import torch
 from tracing.candidates import CANDIDATES_FILE, Candidate, fill, load_candidates
 from tracing.facts import DATA_DIR, KNOWN_FACTS_FILE, Fact, save_facts
 from tracing.models import EMBEDDED_MODEL, load_model
+from tracing.placement import input_device
 from tracing.tokens import encode, target_token_ids
 
 MAX_NEIGHBORS = 5
@@ -83,7 +84,7 @@ def toggle_bos(ids: list[int], bos: int, policy_has_bos: bool) -> list[int]:
 @torch.no_grad()
 def score_prompts(model, prompts: list[list[int]], answer_ids: list[int]) -> list[Score]:
     """Next-token verdicts for token-id prompts, batched by length so no padding is ever read."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, ids in enumerate(prompts):
         by_length[len(ids)].append(index)

@@ -32,8 +32,9 @@ from tracing.facts import Fact, encode_fact, fact_from_prompt
 from tracing.io import atomic_path
 from tracing.metrics import check_metric
 from tracing.models import model_spec
-from tracing.state import state_of
 from tracing.noise import DEFAULT_NOISE_MULTIPLIER, default_noise_std
+from tracing.placement import input_device, model_dtype
+from tracing.state import state_of
 from tracing.tokens import EncodedPrompt, encode_with_offsets, subject_token_range, target_token_ids, token_strings
 
 ENGINES = ("fast", "reference")
@@ -254,11 +255,11 @@ def _corruption(model, encoded: EncodedPrompt, subject: str, char_start: int, su
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def _dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+    return model_dtype(model)
 
 
 def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tuple[int, int], answer_id: int,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tracing.noise import sample_noise
+from tracing.placement import input_device
 from tracing.tokens import EncodedPrompt, encode_with_offsets
 
 CORRUPTIONS = ("gaussian", "symmetric")
@@ -87,7 +88,7 @@ def symmetric(model, encoded: EncodedPrompt, subject: str, char_start: int, subj
               samples: int, seed: int) -> Corruption:
     """Symmetric token replacement as an embedding difference (see the module doc)."""
     found = replacement_subjects(model, encoded, subject, char_start, subject_range, samples, seed)
-    device = next(model.parameters()).device
+    device = input_device(model)
     start, end = subject_range
     original = model.embed(torch.tensor([list(encoded.ids[start:end])], device=device)).float()
     replaced = model.embed(torch.tensor([ids for _, ids in found], device=device)).float()

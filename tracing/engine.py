@@ -264,8 +264,9 @@ class PrefixEngine:
                 rows = patch_rows.get(kind)
                 if rows is None or rows.numel() == 0:
                     return state
-                state = state.clone()
-                state[rows, 0] = clean[adapter.state_hook(kind, current_layer[0])][0, token]
+                state = state.clone()  # under a device map the layer may sit on another GPU than the indices
+                restored = clean[adapter.state_hook(kind, current_layer[0])][0, token]
+                state[rows.to(state.device), 0] = restored.to(state.device, state.dtype)
                 return state
             return patch
 
@@ -276,7 +277,7 @@ class PrefixEngine:
             for layer in range(n_layers):
                 new = entering(layer)
                 if new is not None:
-                    hidden = new if hidden is None else torch.cat([hidden, new])
+                    hidden = new if hidden is None else torch.cat([hidden, new.to(hidden.device)])
                 if hidden is None:
                     continue
                 current_layer[0] = layer
@@ -284,12 +285,13 @@ class PrefixEngine:
                 for kind in patch_kinds:
                     patch_rows[kind] = torch.nonzero(in_window & (cell_kind[row_cell] == kind_code[kind])).flatten()
                 keys, values = kv[layer]
+                samples_here = row_sample.to(keys.device)
                 hidden = call_block(model, layer, hidden, call_args[layer],
-                                    keys[row_sample, :, :token], values[row_sample, :, :token])
+                                    keys[samples_here, :, :token], values[samples_here, :, :token])
         last = entering(n_layers)
-        finals = [] if hidden is None else [hidden[:, -1]]
+        finals = [] if hidden is None else [hidden[:, -1].to(device)]
         if last is not None:
-            finals.append(last[:, -1])
+            finals.append(last[:, -1].to(device))
         final = torch.cat(finals)
         logits = logits_of(model, final)
         probs = _answer_probs(logits, inputs)

@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from tracing.placement import DeviceMap, Placement, plan_device_map, resolve_placement
+
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_EXPORT = "smollm2-135m-instruct-q4_1"
@@ -57,9 +59,12 @@ class ModelSpec:
     paper_mom2_weight: float | None = None
 
 
-def _hub(name: str, hub_id: str, *, bos: bool = False, big: bool = False,
+def _hub(name: str, hub_id: str, *, bos: bool = False, big: bool = False, bf16: bool = False,
          layers: tuple[int, ...] | None = None, mom2_weight: float | None = None) -> ModelSpec:
-    return ModelSpec(name, "hub", hub_id, prepend_bos=bos, gpu_dtype=torch.float16 if big else torch.float32,
+    """``big``: half precision on GPU (float16, as ROME/MEMIT ran GPT-J); ``bf16``: bfloat16, the dtype
+    the model was released in, for models whose float16 activations overflow)."""
+    gpu_dtype = torch.bfloat16 if bf16 else torch.float16 if big else torch.float32
+    return ModelSpec(name, "hub", hub_id, prepend_bos=bos, gpu_dtype=gpu_dtype,
                      paper_layers=layers, paper_mom2_weight=mom2_weight)
 
 
@@ -77,9 +82,9 @@ MODELS: dict[str, ModelSpec] = {
         _hub("pythia-1.4b", "EleutherAI/pythia-1.4b"),
         _hub("pythia-6.9b", "EleutherAI/pythia-6.9b", big=True),
         _hub("llama-2-7b", "meta-llama/Llama-2-7b-hf", bos=True, big=True),
-        _hub("llama-3-8b", "meta-llama/Meta-Llama-3-8B", bos=True, big=True),
+        _hub("llama-3-8b", "meta-llama/Meta-Llama-3-8B", bos=True, bf16=True),
         _hub("llama-3.2-1b", "meta-llama/Llama-3.2-1B", bos=True),
-        _hub("mistral-7b", "mistralai/Mistral-7B-v0.1", bos=True, big=True),
+        _hub("mistral-7b", "mistralai/Mistral-7B-v0.1", bos=True, bf16=True),
         _hub("smollm2-135m-hub", "HuggingFaceTB/SmolLM2-135M", bos=False),
         ModelSpec("tiny-llama", "tiny"),
         ModelSpec("tiny-gpt2", "tiny"),
@@ -163,36 +168,74 @@ def load_model(
     name: str = EMBEDDED_MODEL,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
     seed: int = 0,
 ):
     """Load ``name`` and wrap it in a ``TransformerBridge`` in eval mode.
 
-    ``device`` defaults to CUDA when present. ``dtype`` defaults to float32 on CPU and to the model's
-    ``gpu_dtype`` on GPU. ``seed`` only matters for the ``tiny-*`` models (their random weights).
+    ``device`` defaults to CUDA when present. ``dtype`` (a torch dtype or "bf16", "float16", ...)
+    defaults to float32 on CPU and to the model's ``gpu_dtype`` on GPU. ``device_map`` splits the model
+    over several GPUs instead: ``"auto"`` / ``"balanced"`` (accelerate's), a device count (a balanced
+    split over GPUs 0..n-1, see :func:`tracing.placement.plan_device_map`) or an explicit
+    ``{module: device}`` dict; it excludes ``device``. A device or map that cannot work here is refused
+    (:class:`tracing.placement.PlacementError`) before anything loads. ``seed`` only matters for the
+    ``tiny-*`` models (their random weights).
     """
     spec = resolve_model_name(name)
-    device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        dtype = spec.gpu_dtype if device.type == "cuda" else torch.float32
+    placement = resolve_placement(device, dtype, device_map, preferred_gpu_dtype=spec.gpu_dtype)
+    if spec.source == "tiny":
+        hf_model, tokenizer = _build_tiny(spec.name, seed, placement.dtype)
+        if placement.split:
+            hf_model = _dispatch(hf_model, placement)
+        return wrap_hf_model(hf_model, tokenizer, spec, device=placement.device)
+    load_options = _load_options(spec, placement)
     if spec.source == "embedded":
-        hf_model, tokenizer = _load_embedded(dtype)
-    elif spec.source == "tiny":
-        hf_model, tokenizer = _build_tiny(spec.name, seed, dtype)
+        hf_model, tokenizer = _load_embedded(placement.dtype, **load_options)
     elif spec.source == "local":
-        hf_model, tokenizer = _load_local(spec, dtype)
+        hf_model, tokenizer = _load_local(spec, placement.dtype, **load_options)
     else:
-        hf_model, tokenizer = _load_pretrained(spec, dtype)
-    return wrap_hf_model(hf_model, tokenizer, spec, device=device)
+        hf_model, tokenizer = _load_pretrained(spec, placement.dtype, **load_options)
+    return wrap_hf_model(hf_model, tokenizer, spec, device=placement.device)
+
+
+def _load_options(spec: ModelSpec, placement: Placement) -> dict:
+    """``from_pretrained``'s ``device_map`` for a split (a device count planned on the model's config)."""
+    if placement.device_map is not None:
+        return {"device_map": placement.device_map}
+    if placement.n_devices is None:
+        return {}
+    from transformers import AutoConfig
+
+    source = embedded_export_dir() if spec.source == "embedded" else spec.hub_id
+    if spec.source == "embedded" and not (embedded_export_dir() / "config.json").is_file():
+        _export_embedded(embedded_export_dir())
+    config = AutoConfig.from_pretrained(source)
+    return {"device_map": plan_device_map(config, placement.n_devices, placement.dtype)}
+
+
+def _dispatch(hf_model, placement: Placement):
+    """Place an already built model by a device map (accelerate's ``dispatch_model``)."""
+    from accelerate import dispatch_model
+
+    device_map = placement.device_map
+    if placement.n_devices is not None or isinstance(device_map, str):
+        count = placement.n_devices or torch.cuda.device_count()
+        device_map = plan_device_map(hf_model.config, count, placement.dtype)
+    return dispatch_model(hf_model, device_map=device_map)
 
 
 def wrap_hf_model(hf_model, tokenizer, spec: ModelSpec, *, device: torch.device | None = None):
-    """Wrap an already loaded Hugging Face causal LM (and its tokenizer) in a ``TransformerBridge``."""
+    """Wrap an already loaded Hugging Face causal LM (and its tokenizer) in a ``TransformerBridge``.
+
+    ``device`` moves a single-device model there; a model dispatched by a device map (it has
+    ``hf_device_map``) stays where accelerate put it, and the bridge's ``cfg.device`` is its
+    input embedding's device."""
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model.eval()
     hf_model.requires_grad_(False)  # an analysis and editing toolkit: gradients only where we ask for them
-    if device is not None:
+    if device is not None and not getattr(hf_model, "hf_device_map", None):
         hf_model.to(device)
     bridge = TransformerBridge.boot_transformers(spec.name, hf_model=hf_model, tokenizer=tokenizer)
     bridge.eval()
@@ -232,14 +275,14 @@ def embedded_export_dir() -> Path:
     return cache_dir() / "models" / _EMBEDDED_EXPORT
 
 
-def _load_embedded(dtype: torch.dtype):
+def _load_embedded(dtype: torch.dtype, **load_options):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     export = embedded_export_dir()
     if not (export / "model.safetensors").is_file():
         _export_embedded(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
-    hf_model = AutoModelForCausalLM.from_pretrained(export, dtype=dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(export, dtype=dtype, **load_options)
     return hf_model, tokenizer
 
 
@@ -298,13 +341,14 @@ def _export_embedded(export: Path) -> None:
 # --- local folders and hub models -------------------------------------------------------------------
 
 
-def _load_local(spec: ModelSpec, dtype: torch.dtype):
+def _load_local(spec: ModelSpec, dtype: torch.dtype, **load_options):
     """A folder written by ``save_pretrained`` (checked by :func:`resolve_model_name` to hold a config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.hub_id, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, local_files_only=True,
+                                                         **load_options)
     except (OSError, ValueError, KeyError) as error:  # transformers' errors for a broken or foreign folder
         cause = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise ModelUnavailableError(f"could not load the model folder '{spec.hub_id}': {cause}") from error
@@ -312,7 +356,7 @@ def _load_local(spec: ModelSpec, dtype: torch.dtype):
 
 
 
-def _load_pretrained(spec: ModelSpec, dtype: torch.dtype):
+def _load_pretrained(spec: ModelSpec, dtype: torch.dtype, **load_options):
     """Local Hugging Face cache first (works offline), then the Hub if it is reachable.
 
     Without the reachability check an offline ``from_pretrained`` spends most of a minute in retries
@@ -324,7 +368,8 @@ def _load_pretrained(spec: ModelSpec, dtype: torch.dtype):
 
     def load(local_only: bool):
         tokenizer = AutoTokenizer.from_pretrained(spec.hub_id, local_files_only=local_only)
-        hf_model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, local_files_only=local_only)
+        hf_model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, local_files_only=local_only,
+                                                         **load_options)
         return hf_model, tokenizer
 
     try:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from tracing.placement import input_device
 from tracing.state import state_of
 from tracing.tokens import encode
 
@@ -26,7 +27,7 @@ def subject_embedding_std(model, subjects: Sequence[str]) -> float:
     """
     if not subjects:
         raise ValueError("need at least one subject to measure the embedding scale")
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = [i for subject in subjects for i in encode(model, subject) if i != model.tokenizer.bos_token_id]
     embeddings = model.embed(torch.tensor([ids], device=device))
     return float(embeddings.float().std())

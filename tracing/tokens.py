@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tracing.placement import input_device
 
 
 class SubjectNotFoundError(ValueError):
@@ -131,5 +132,5 @@ def right_padded(model, rows: Sequence[Sequence[int]]) -> torch.Tensor:
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(r) for r in rows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)

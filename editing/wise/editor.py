@@ -423,6 +423,7 @@ class WiseEditor(Editor):
         config = self.config
         change = batch.keys @ delta.T
         final = replay_later_blocks(model, self.layer, batch.calls, batch.hidden + change.to(batch.hidden.dtype))
+        final = final.to(batch.target_rows.device)  # the last block's GPU under a device map
         logits = logits_of(model, final[batch.target_rows, batch.target_positions])
         nll = -torch.log_softmax(logits.float(), -1).gather(1, batch.target_tokens[:, None])[:, 0]
         in_rows = self._in_scores(torch.linalg.vector_norm(change, dim=-1), batch.valid, batch.decision)  # (R,)
