@@ -189,6 +189,7 @@ def test_alphaedit_null_space_by_energy_keeps_the_directions_that_hold_the_keys(
     assert torch.linalg.matrix_rank(null_space_projector(c0, threshold=0.005)) == 4  # the papers' rule
     with pytest.raises(ValueError, match="exactly one"):
         null_space_projector(c0, threshold=0.1, energy=0.01)
-    for bad in (dict(nullspace_energy=1.0), dict(nullspace_energy=-0.1), dict(nullspace_threshold=0.0), dict(l2=-1.0)):
+    for bad in (dict(nullspace_threshold=None, nullspace_energy=1.0), dict(nullspace_threshold=None, nullspace_energy=-0.1),
+                dict(nullspace_threshold=0.0), dict(nullspace_energy=0.01), dict(nullspace_threshold=None), dict(l2=-1.0)):
         with pytest.raises(ValueError):
             AlphaEditConfig(**bad)
