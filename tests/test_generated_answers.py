@@ -143,3 +143,15 @@ def test_protocols_edit_then_score_and_one_call_after_each_is_after_all(tiny_lla
         assert result.scores["token"]["reliability"] > unedited["token"]["reliability"] + 0.5
         assert result.scores["generated"]["reliability"] >= unedited["generated"]["reliability"]
         assert result.scores["probability"]["ES"] == 1.0 and result.seconds_editing > 0
+
+
+@pytest.mark.embedded
+def test_the_embedded_model_says_the_facts_it_knows_and_the_hits_are_recomputed_by_hand(embedded):
+    """Known facts (chosen because SmolLM2 ranks their answer first): generated from the prompt alone, most
+    start with the true answer and none with the counterfactual one; the same hits by a plain greedy loop."""
+    facts = one_per_subject(known_facts())[::150][:4]
+    true = [(f.prompt, f.target_true) for f in facts]
+    new = [(f.prompt, f.target_new) for f in facts]
+    hits = answer_hits(embedded, true + new, batch_size=5)
+    assert hits == [hit_by_hand(embedded, p, a) for p, a in true + new]
+    assert sum(hits[:4]) >= 3 and not any(hits[4:])
