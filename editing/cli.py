@@ -79,7 +79,7 @@ def key_stats_parser() -> cli.ArgumentParser:
 
 # Copies of editing.editor.methods(), editing.scoring.SCORINGS and editing.protocol.PROTOCOLS, which cannot be
 # imported without torch (tests/test_bad_inputs.py checks that they agree).
-EDIT_METHODS = ("alphaedit", "grace", "memit", "rome", "subject-memory", "wise")
+EDIT_METHODS = ("alphaedit", "grace", "memit", "rome", "subject-memory", "wise", "wise-easyedit")
 SCORINGS = ("probability", "token", "generated")
 PROTOCOLS = ("after_all", "after_each")
 DATASETS = ("known",)  # names --dataset accepts besides a file
@@ -98,11 +98,9 @@ def scoring_list(value: str) -> tuple[str, ...]:
 
 
 def dataset_source(value: str) -> str:
-    """A dataset name (:data:`DATASETS`) or an existing CounterFact/zsRE JSON file."""
+    """``known`` (:data:`DATASETS`), a registered dataset name (counterfact, zsre, ...) or an existing file."""
     value = cli.text(value).strip()
-    if value in DATASETS:
-        return value
-    return str(cli.existing_file(value))
+    return value if value in DATASETS else str(cli.facts_source(value))
 
 
 def config_override(value: str) -> tuple[str, object]:
@@ -130,7 +128,8 @@ def evaluate_parser() -> cli.ArgumentParser:
     )
     parser.add_argument("method", choices=EDIT_METHODS, help="the editing method")
     parser.add_argument("--dataset", default="known", type=dataset_source,
-                        help="'known' (the bundled known facts, default) or a CounterFact/zsRE JSON file")
+                        help="'known' (the bundled known facts, default), a dataset name (counterfact, zsre, mquake, "
+                             "knowedit-*, ...; downloaded once) or a JSON file of those shapes")
     parser.add_argument("-n", "--n-edits", type=cli.int_at_least(1), default=10,
                         help="how many facts to edit, one per subject, spread over the dataset (default 10)")
     parser.add_argument("--sequential", action="store_true",

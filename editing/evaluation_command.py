@@ -9,17 +9,15 @@ method, protocol and scoring in its header; the JSON records them as keys.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Sequence
 
 from tracing import cli
 
 
 def dataset_facts(name_or_path: str) -> list:
-    """The facts of ``--dataset``: ``known`` (the bundled known facts) or a CounterFact/zsRE JSON file."""
-    from tracing.facts import known_facts
-
-    return known_facts() if name_or_path == "known" else cli.facts_from(Path(name_or_path))
+    """The facts of ``--dataset``: ``known`` (the bundled known facts), or a name or file that
+    :func:`tracing.datasets.load_dataset` reads (one-line error otherwise)."""
+    return cli.facts_from(None if name_or_path == "known" else name_or_path)
 
 
 def method_config(name: str, overrides: Sequence[tuple[str, Any]]):
