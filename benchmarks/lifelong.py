@@ -55,10 +55,6 @@ def split_facts(seed: int, held_out: int) -> tuple[list, list]:
     return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
 
 
-def batches(facts: Sequence, size: int) -> list[list]:
-    return [list(facts[i: i + size]) for i in range(0, len(facts), size)]
-
-
 def default_config(name: str, overrides: dict[str, Any]):
     """The method's config with the benchmark's defaults (MEMIT: λ 1500, quiet) and ``overrides``."""
     from editing.editor import method
@@ -109,6 +105,7 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
     each row as soon as it is measured (a long stream keeps what it finished)."""
     from editing.editor import create_editor
     from editing.evaluate import agreement, evaluate_accuracy, locality_predictions
+    from editing.protocol import batches
 
     checkpoints = sorted(set(checkpoints or [len(facts)]))
     if checkpoints[-1] != len(facts) or any(t % batch for t in checkpoints[:-1]) or checkpoints[0] < 1:
@@ -170,17 +167,13 @@ def _unedited(model, facts: list, unrelated: tuple[list, list]) -> dict:
 
 def _weighted(per_call: list, facts: list) -> dict:
     """Rel / Gen / Loc over the scored calls, each weighted by the cases it read."""
-    from editing.evaluate import locality_pairs
+    from editing.evaluate import merge_accuracy
 
-    counts = {"reliability": len, "generalization": lambda call: sum(len(f.paraphrases) for f in call),
-              "locality": lambda call: len(locality_pairs(call, facts))}
-    mean = {}
-    for key, count in counts.items():  # each metric weighted by how many cases it read, per call
-        weights = [(count(call), getattr(summary, key)) for call, summary in per_call]
-        total = sum(n for n, _ in weights)
-        if total == 0:
+    merged = merge_accuracy([summary for _, summary in per_call])
+    mean = {key: getattr(merged, key) for key in ("reliability", "generalization", "locality")}
+    for key, value in mean.items():
+        if value is None:
             raise ValueError(f"no {key} cases among these facts: it cannot be scored")
-        mean[key] = sum(n * value for n, value in weights if n) / total
     return mean
 
 

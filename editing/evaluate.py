@@ -24,6 +24,10 @@ prompts (answered with the true target). A metric whose records carry no prompts
 :class:`NoDataError`; it is never NaN. Under teacher forcing the unedited model already scores part of the
 new targets, so tables (:func:`markdown_table`) always carry the unedited row.
 
+Generated answers (greedy generation, no teacher forcing) are the third scoring,
+:mod:`editing.generated_answers`; ``python -m editing.evaluate METHOD ...`` edits facts with a method and
+writes all three side by side (:mod:`editing.evaluation_command`).
+
 Targets follow one convention everywhere (:func:`tracing.tokens.target_token_ids`): ``" " + target.strip()``.
 Batches are right-padded (:func:`tracing.tokens.right_padded`), which causal attention makes exact, so the
 numbers do not depend on the batch size or on the tokenizer's ``padding_side``.
@@ -33,9 +37,15 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
+
+if __name__ == "__main__":  # answer --help and refuse bad arguments before torch is imported
+    from editing.cli import parse_evaluate_args
+
+    parse_evaluate_args()
 
 import numpy as np
 import torch
@@ -124,14 +134,17 @@ class CounterFactSummary:
     GE: float | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"scoring": "probability", **asdict(self)}
 
 
-def counterfact_cases(model, facts: Sequence[Fact], batch_size: int = 64) -> list[CaseResult]:
-    """Read every continuation CounterFact needs, in batches, and pair them up per case."""
+def counterfact_cases(model, facts: Sequence[Fact], batch_size: int = 64,
+                      edited: Iterable[Fact] = ()) -> list[CaseResult]:
+    """Read every continuation CounterFact needs, in batches, and pair them up per case. Neighbour
+    prompts edited among ``facts`` or ``edited`` (the whole run, when ``facts`` is one call of it) are
+    left out."""
     pairs: list[tuple[str, str]] = []
     layout = []
-    edited_prompts = frozenset(fact.prompt for fact in facts)
+    edited_prompts = frozenset(fact.prompt for fact in (*facts, *edited))
     for fact in facts:
         if fact.target_new is None:
             raise ValueError(f"fact {fact.subject!r} has no target_new to evaluate")
@@ -227,7 +240,23 @@ class AccuracySummary:
     n_locality: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"scoring": "token", **asdict(self)}
+
+
+def merge_accuracy(parts: Sequence[AccuracySummary]) -> AccuracySummary:
+    """One summary of several calls' summaries, each metric weighted by the prompts it read: the same
+    numbers as one pass over all their prompts (every metric is a mean over prompts)."""
+    if not parts:
+        raise NoDataError("no summaries to merge")
+
+    def mean(key: str, count: str) -> float | None:
+        weights = [(getattr(p, count), getattr(p, key)) for p in parts if getattr(p, count)]
+        total = sum(n for n, _ in weights)
+        return sum(n * value for n, value in weights) / total if total else None
+
+    return AccuracySummary(sum(p.n_cases for p in parts), mean("reliability", "n_cases"),
+                           mean("generalization", "n_generalization"), mean("locality", "n_locality"),
+                           sum(p.n_generalization for p in parts), sum(p.n_locality for p in parts))
 
 
 @dataclass(frozen=True)
@@ -320,10 +349,11 @@ def evaluate_accuracy(model, facts: Sequence[Fact], baseline: Baseline | Sequenc
 
 
 def markdown_table(rows: dict[str, dict], columns: Sequence[str], plain: Sequence[str] = (),
-                   unedited: str = "unedited") -> str:
+                   unedited: str = "unedited", corner: str = "") -> str:
     """A Markdown table with one row per entry, the ``unedited`` row (the model before any edit) first.
     Float values are shown as percentages, except in the ``plain`` columns (quantities that are not
-    fractions, such as seconds or entropies).
+    fractions, such as seconds or entropies). ``corner`` heads the row names (e.g. the protocol and
+    scoring the table shows).
 
     The unedited row is required: under teacher forcing the unedited model already gets part of the new
     targets' tokens right (0.11-0.14 on zsRE: later tokens of a multi-token answer follow from the first),
@@ -338,7 +368,8 @@ def markdown_table(rows: dict[str, dict], columns: Sequence[str], plain: Sequenc
             return f"{value:.1f}" if column in plain else f"{100 * value:.1f}"
         return str(value)
 
-    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    head = f"| {corner} | " if corner else "| | "
+    lines = [head + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(values.get(c), c) for c in columns) + " |"
               for name, values in rows.items()]
     return "\n".join(lines)
@@ -368,3 +399,9 @@ def plot_metrics_vs_edits(results: dict[int, dict], metrics: Sequence[str], base
         ax.legend(frameon=False, fontsize=8, ncol=len(metrics))
         fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":  # python -m editing.evaluate METHOD --dataset NAME -n N [--sequential --batch B] ...
+    from editing.evaluation_command import main
+
+    sys.exit(main())

@@ -200,6 +200,30 @@ CLI_CASES = [
      "expected comma-separated kinds", False),
     ("figure-edit-layers-out-of-range", "figures.edit_then_trace", ["--model", "tiny-llama", "--layers", "7"],
      "has layers 0 to 3", True),
+    # editing.evaluate: every argument is checked before the model is loaded
+    ("evaluate-unknown-method", "editing.evaluation_command", ["mend"], "invalid choice: 'mend'", False),
+    ("evaluate-n-0", "editing.evaluation_command", ["grace", "-n", "0"], "--n-edits: must be >= 1", False),
+    ("evaluate-batch-0", "editing.evaluation_command", ["grace", "--sequential", "--batch", "0"], "--batch: must be >= 1", False),
+    ("evaluate-batch-without-sequential", "editing.evaluation_command", ["grace", "--batch", "4"], "add --sequential", False),
+    ("evaluate-after-each-without-sequential", "editing.evaluation_command", ["grace", "--protocol", "after_each"],
+     "add --sequential", False),
+    ("evaluate-unknown-protocol", "editing.evaluation_command", ["grace", "--protocol", "sometimes"], "invalid choice", False),
+    ("evaluate-unknown-scoring", "editing.evaluation_command", ["grace", "--scoring", "token,bleu"],
+     "scorings from probability, token, generated or 'all'", False),
+    ("evaluate-missing-dataset", "editing.evaluation_command", ["grace", "--dataset", "{tmp}/nope.json"], "does not exist", False),
+    ("evaluate-empty-dataset", "editing.evaluation_command", ["grace", "--dataset", "{tmp}/empty.json"], "holds no facts", False),
+    ("evaluate-too-many-facts", "editing.evaluation_command", ["grace", "--dataset", "{tmp}/no_target_new.json", "-n", "2"],
+     "has 1 facts with distinct subjects; -n 2 is too many", False),
+    ("evaluate-no-target-new", "editing.evaluation_command", ["grace", "--dataset", "{tmp}/no_target_new.json", "-n", "1"],
+     "no new target", False),
+    ("evaluate-set-not-a-field", "editing.evaluation_command", ["grace", "--set", "learning_rate=0.1"],
+     "GraceConfig has no field learning_rate", False),
+    ("evaluate-set-not-a-literal", "editing.evaluation_command", ["grace", "--set", "layer=two"], "must be a Python literal", False),
+    ("evaluate-set-no-equals", "editing.evaluation_command", ["grace", "--set", "n_iter"], "expected FIELD=VALUE", False),
+    ("evaluate-generation-cases-without-probability", "editing.evaluation_command",
+     ["grace", "--scoring", "token", "--generation-cases", "1"], "include it in --scoring", False),
+    ("evaluate-unknown-model", "editing.evaluation_command", ["grace", "--model", "gpt-7"], "Known names", False),
+    ("evaluate-out-dir-is-a-file", "editing.evaluation_command", ["grace", "--out-dir", "{tmp}/afile.txt"], "is a file", False),
 ]
 if torch.cuda.is_available():
     CLI_CASES = [case for case in CLI_CASES if case[0] != "heatmap-device"]
@@ -357,6 +381,11 @@ def test_the_command_line_constants_agree_with_the_library():
 
     assert cli.TRACE_METHODS == causal_trace.METHODS and cli.CORRUPTIONS == corruption.CORRUPTIONS
     assert cli.METRICS == metrics.METRICS and cli.DIRECTIONS == attribution.DIRECTIONS
+    from editing import cli as editing_cli, protocol, scoring
+    from editing.editor import methods
+
+    assert editing_cli.EDIT_METHODS == tuple(sorted(methods()))
+    assert editing_cli.SCORINGS == scoring.SCORINGS and editing_cli.PROTOCOLS == protocol.PROTOCOLS
 
 
 HELP_WITHOUT_TORCH = """
@@ -371,7 +400,7 @@ assert "torch" not in sys.modules, "torch was imported to answer --help"
 
 
 @pytest.mark.parametrize("module", [
-    "tracing.heatmap", "tracing.locate", "editing.memit", "figures.trace_eiffel", "figures.locate_layers",
+    "tracing.heatmap", "tracing.locate", "editing.memit", "editing.evaluate", "figures.trace_eiffel", "figures.locate_layers",
     "figures.memit_scaling", "figures.edit_then_trace",
 ])
 def test_help_answers_without_importing_torch(module):

@@ -8,8 +8,24 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
+def _is_main_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``"""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__" and [getattr(c, "value", None) for c in test.comparators] == ["__main__"])
+
+
+def _nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if __name__ == "__main__":`` blocks: a module run as a script (e.g.
+    ``python -m editing.evaluate`` handing over to its command module) is not imported by anything."""
+    for child in ast.iter_child_nodes(tree):
+        if not _is_main_guard(child):
+            yield child
+            yield from _nodes(child)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports (at the top or inside functions)."""
+    """Module -> the project modules it imports (at the top or inside functions; not in a ``__main__`` block)."""
     modules = {}
     for package in ("tracing", "editing", "figures"):
         for file in (ROOT / package).rglob("*.py"):
@@ -17,7 +33,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, file in modules.items():
         imported = set()
-        for node in ast.walk(ast.parse(file.read_text())):
+        for node in _nodes(ast.parse(file.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported |= {m for m in (node.module, *(f"{node.module}.{a.name}" for a in node.names)) if m in modules}
             elif isinstance(node, ast.Import):

@@ -1,0 +1,64 @@
+"""Edit a run of facts with one editor and score it under a protocol, with any of the scorings.
+
+* ``after_all`` (WISE, EasyEdit ``--sequential_edit``; one call of every fact is MEMIT's batch editing):
+  the facts are edited in calls of ``batch``, and all of them are scored after the last call;
+* ``after_each`` (AlphaEdit): each call's facts are scored right after that call, and the reads merged.
+
+Whatever a scoring compares with the unedited model is recorded before the first edit, on the prompts it
+will read. Prompts edited anywhere in the run are never read as locality prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from editing.scoring import Scoring
+from tracing.facts import Fact
+
+PROTOCOLS = ("after_all", "after_each")
+
+
+def batches(facts: Sequence, size: int) -> list[list]:
+    """``facts`` in consecutive calls of ``size`` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"the batch size must be >= 1, got {size}")
+    return [list(facts[i: i + size]) for i in range(0, len(facts), size)]
+
+
+def score_now(model, facts: Sequence[Fact], scorings: Sequence[Scoring]) -> dict[str, dict]:
+    """Every scoring of ``facts`` on the model as it is (the unedited row of a table: locality 1.0)."""
+    return {s.name: s.merge([s.read(model, facts, s.record(model, facts, facts), facts)]) for s in scorings}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    scores: dict[str, dict]  # scoring name -> summary dict
+    calls: int
+    seconds_editing: float
+
+
+def edit_and_score(model, editor, facts: Sequence[Fact], batch: int, protocol: str,
+                   scorings: Sequence[Scoring]) -> RunResult:
+    """Edit ``facts`` with ``editor`` in calls of ``batch`` and score them under ``protocol`` (the edits
+    stay; the caller undoes them)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    facts = list(facts)
+    calls = batches(facts, batch)
+    groups = calls if protocol == "after_each" else [facts]
+    baselines = [{s.name: s.record(model, group, facts) for s in scorings} for group in groups]
+    reads: dict[str, list] = {s.name: [] for s in scorings}
+    seconds = 0.0
+    for call in calls:
+        started = time.perf_counter()
+        editor.edit(call)
+        seconds += time.perf_counter() - started
+        if protocol == "after_each":
+            for s in scorings:
+                reads[s.name].append(s.read(model, call, baselines[len(reads[s.name])][s.name], facts))
+    if protocol == "after_all":
+        for s in scorings:
+            reads[s.name].append(s.read(model, facts, baselines[0][s.name], facts))
+    return RunResult({s.name: s.merge(reads[s.name]) for s in scorings}, len(calls), seconds)
