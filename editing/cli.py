@@ -87,14 +87,7 @@ DATASETS = ("known",)  # names --dataset accepts besides a file
 
 def scoring_list(value: str) -> tuple[str, ...]:
     """Comma-separated scorings (probability, token, generated), or ``all``."""
-    if value.strip() == "all":
-        return SCORINGS
-    names = tuple(part.strip() for part in value.split(","))
-    unknown = [name for name in names if name not in SCORINGS]
-    if unknown or not value.strip():
-        raise argparse.ArgumentTypeError(f"expected comma-separated scorings from {', '.join(SCORINGS)} or "
-                                          f"'all', got {value!r}")
-    return tuple(dict.fromkeys(names))
+    return cli.choice_list(value, SCORINGS, "scorings")
 
 
 def dataset_source(value: str) -> str:

@@ -107,16 +107,20 @@ def layer_list(value: str) -> tuple[int, ...]:
     return tuple(int(part) for part in parts)
 
 
+def choice_list(value: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Comma-separated names from ``choices`` (duplicates dropped, order kept), or ``all`` for every one."""
+    if value.strip() == "all":
+        return choices
+    names = tuple(part.strip() for part in value.split(","))
+    if not value.strip() or any(name not in choices for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what} from {', '.join(choices)} or 'all', "
+                                         f"got {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def kind_list(value: str) -> tuple[str, ...]:
     """Comma-separated kinds of state (``resid``, ``mlp``, ``attn``), or ``all``."""
-    if value.strip() == "all":
-        return KINDS
-    kinds = tuple(part.strip() for part in value.split(","))
-    unknown = [kind for kind in kinds if kind not in KINDS]
-    if unknown or not value.strip():
-        raise argparse.ArgumentTypeError(f"expected comma-separated kinds from {', '.join(KINDS)} or 'all', "
-                                         f"got {value!r}")
-    return tuple(dict.fromkeys(kinds))
+    return choice_list(value, KINDS, "kinds")
 
 
 def existing_file(value: str) -> Path:
