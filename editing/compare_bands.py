@@ -260,7 +260,7 @@ def plot_band_comparison(comparison: BandComparison):
         bars.set_xticks(x, METRICS)
         bars.set_ylim(0, 1.02)
         bars.set_title(f"MEMIT, {comparison.n_edits} facts, per band", fontsize=9)
-        bars.legend(frameon=False, fontsize=7)
+        bars.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(rows))
         fig.suptitle(f"Does tracing choose the right layers? {comparison.model}", fontsize=10)
         fig.tight_layout()
     return fig
