@@ -5,8 +5,9 @@ import pytest
 
 from tracing.average import (TOKEN_ROLES, average_indirect_effect, choose_critical_layers, token_roles,
                              trace_facts)
-from tracing.causal_trace import FactTrace, TraceConfig
+from tracing.causal_trace import FactTrace, TraceConfig, trace_fact
 from tracing.facts import fact_from_prompt
+from tracing.locate import locate
 
 
 def _trace(n_tokens, subject_range, mlp, corrupted=0.1, correct=True):
@@ -69,3 +70,30 @@ def test_trace_facts_over_a_tiny_model(tiny_llama):
     assert [t.subject for t in traces] == ["Eiffel Tower", "Germany"]
     effect = average_indirect_effect(traces, "mlp", only_correct=False)
     assert effect.n_facts == 2 and effect.mean_scores.shape == (len(TOKEN_ROLES), 4)
+
+
+def test_last_subject_token_trace_matches_the_full_trace_there(tiny_llama):
+    fact = fact_from_prompt("The Eiffel Tower is in", "Eiffel Tower", "Paris")
+    config = TraceConfig(kinds=("mlp",), samples=2, window=1, show_progress=False)
+    full = trace_fact(tiny_llama, fact, config=config)
+    for engine in ("fast", "reference"):
+        only = trace_fact(tiny_llama, fact, config=dataclasses.replace(config, tokens="last subject", engine=engine))
+        last = full.subject_range[1] - 1
+        np.testing.assert_allclose(only.scores["mlp"][last], full.scores["mlp"][last], atol=1e-6)
+        others = np.delete(only.scores["mlp"], last, axis=0)
+        assert np.isnan(others).all() and others.shape == (full.n_tokens - 1, 4)
+
+
+def test_locate_records_the_single_layer_curve_beside_the_windowed_one(tiny_llama):
+    facts = [fact_from_prompt("The Eiffel Tower is in", "Eiffel Tower", "Paris"),
+             fact_from_prompt("The capital of Germany is", "Germany", "Berlin")]
+    config = TraceConfig(kinds=("mlp",), samples=2, show_progress=False)
+    result = locate(tiny_llama, facts, config, size=2, only_correct=False)
+    one_layer = [trace_fact(tiny_llama, fact, config=dataclasses.replace(config, window=1)) for fact in facts]
+    expected = (np.mean([t.scores["mlp"][t.subject_range[1] - 1] for t in one_layer], axis=0)
+                - np.mean([t.corrupted_prob for t in one_layer]))
+    assert result.single_layer.window == 1 and result.effects["mlp"].window == 10
+    np.testing.assert_allclose(result.single_layer_curve, expected, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(result.critical.single_layer_curve, expected, rtol=1e-6, atol=1e-12)
+    # on a 4-layer model every window of 10 covers all layers: the windowed curve is flat, the single one is not
+    assert np.ptp(result.windowed_curve) < 1e-9 < np.ptp(result.single_layer_curve)

@@ -172,6 +172,21 @@ CLI_CASES = [
      "does not exist", False),
     ("memit-key-stats-not-stats", "editing.memit", ["tiny-llama", "--layers", "1", "--key-stats", "{tmp}/afile.txt"],
      "is not a key-statistics file", True),
+    # editing.compare_bands
+    ("bands-unknown-band", "editing.compare_bands", ["tiny-llama", "--bands", "first,top"],
+     "expected comma-separated bands from critical, first, mid, random", False),
+    ("bands-empty-band-list", "editing.compare_bands", ["tiny-llama", "--bands", ""], "expected comma-separated bands",
+     False),
+    ("bands-width-0", "editing.compare_bands", ["tiny-llama", "--band-width", "0"], "--band-width: must be >= 1", False),
+    ("bands-seed-negative", "editing.compare_bands", ["tiny-llama", "--seed", "-1"], "--seed: must be >= 0", False),
+    ("bands-n-0", "editing.compare_bands", ["tiny-llama", "-n", "0"], "--n-edits: must be >= 1", False),
+    ("bands-too-many-facts", "editing.compare_bands", ["tiny-llama", "-n", "100000"], "is too many", False),
+    ("bands-corpus-missing", "editing.compare_bands", ["tiny-llama", "--corpus", "{tmp}/corpus.txt"],
+     "no such file or folder exists", False),
+    ("bands-out-dir-is-a-file", "editing.compare_bands", ["tiny-llama", "--out-dir", "{tmp}/afile.txt"],
+     "is a file, not a folder", False),
+    ("bands-unknown-model", "editing.compare_bands", ["no-such-model"], "Unknown model name 'no-such-model'", False),
+    ("bands-width-above-layers", "editing.compare_bands", ["tiny-llama", "--band-width", "9"], "has 4 layers", True),
     # editing.key_stats
     ("key-stats-token-budget-0", "editing.key_stats", ["tiny-llama", "--token-budget", "0"],
      "--token-budget: must be >= 1", False),
@@ -306,6 +321,7 @@ API_CASES = [
     ("config-noise", lambda m, tmp: TraceConfig(noise=-0.5), ValueError, "noise must be >= 0"),
     ("config-kinds", lambda m, tmp: TraceConfig(kinds=("neurons",)), ValueError, "kinds must be"),
     ("config-engine", lambda m, tmp: TraceConfig(engine="slow"), ValueError, "engine must be one of"),
+    ("config-tokens", lambda m, tmp: TraceConfig(tokens="subject"), ValueError, "tokens must be one of"),
     ("config-method", lambda m, tmp: TraceConfig(method="gradient"), ValueError,
      "unknown method 'gradient'; expected one of ('exact', 'atp')"),
     ("config-corruption", lambda m, tmp: TraceConfig(corruption="blur"), ValueError,
@@ -401,7 +417,7 @@ assert "torch" not in sys.modules, "torch was imported to answer --help"
 
 @pytest.mark.parametrize("module", [
     "tracing.heatmap", "tracing.locate", "editing.memit", "editing.evaluate", "figures.trace_eiffel", "figures.locate_layers",
-    "figures.memit_scaling", "figures.edit_then_trace",
+    "figures.memit_scaling", "figures.edit_then_trace", "editing.compare_bands",
 ])
 def test_help_answers_without_importing_torch(module):
     """--help must answer in well under 2 s, so it may not import torch (about 2 s alone on 2 cores)."""

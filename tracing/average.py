@@ -119,13 +119,18 @@ def trace_facts(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig(
 
 @dataclass(frozen=True)
 class CriticalLayers:
-    """The MLP layers MEMIT edits, chosen from the AIE of MLP windows at the last subject token."""
+    """The MLP layers MEMIT edits, chosen from the AIE of MLP windows at the last subject token.
+
+    ``single_layer_curve`` (set by :func:`tracing.locate.locate`, empty otherwise) is the AIE of restoring
+    one MLP layer alone at the last subject token: where the windowed curve is flat it tells which layer
+    carries the effect."""
 
     layers: tuple[int, ...]
     curve: tuple[float, ...]  # AIE of the MLP window centred on each layer, at the last subject token
     peak: int
     method: str
     n_facts: int
+    single_layer_curve: tuple[float, ...] = ()
 
 
 SELECTION_METHODS = ("peak-end", "max-sum")

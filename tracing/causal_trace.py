@@ -39,6 +39,7 @@ from tracing.tokens import EncodedPrompt, encode_with_offsets, subject_token_ran
 
 ENGINES = ("fast", "reference")
 METHODS = ("exact", "atp")
+TOKEN_SELECTIONS = ("all", "last subject")
 _VERIFY_TOLERANCE = 1e-4
 
 
@@ -70,6 +71,7 @@ class TraceConfig:
     corruption: str = "gaussian"
     metric: str = "prob"
     direction: str = "denoising"
+    tokens: str = "all"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +82,8 @@ class TraceConfig:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.tokens not in TOKEN_SELECTIONS:
+            raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {self.tokens!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.samples < 1:
@@ -279,6 +283,11 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         output, engine = attribution_patching(model, inputs, config.kinds, config.window, config.direction), "atp"
     else:
         output, engine = _run_engine(model, inputs, config)
+    scores = {kind: output.scores[kind] for kind in config.kinds}
+    traced = traced_tokens(config, subject_range, len(ids))
+    if traced is not None:  # cells outside the selection were not computed (or were estimated): say so
+        untraced = np.setdiff1d(np.arange(len(ids)), traced)
+        scores = {kind: _with_nan_rows(values, untraced) for kind, values in scores.items()}
     return FactTrace(
         prompt=prompt,
         subject=subject,
@@ -295,7 +304,7 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         window=config.window,
         seed=config.seed,
         model_name=model_spec(model).name,
-        scores={kind: output.scores[kind] for kind in config.kinds},
+        scores=scores,
         engine=engine,
         method=config.method,
         corruption=corruption.kind,
@@ -304,6 +313,19 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         counterfactual=counterfactual,
         direction=config.direction,
     )
+
+
+def traced_tokens(config: TraceConfig, subject_range: tuple[int, int], n_tokens: int) -> list[int] | None:
+    """The token positions ``config.tokens`` selects, or None for every token."""
+    if config.tokens == "all":
+        return None
+    return [subject_range[1] - 1]
+
+
+def _with_nan_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    values = np.array(values, dtype=float)
+    values[rows] = np.nan
+    return values
 
 
 def choose_engine(model, config: TraceConfig) -> tuple[str, str]:
@@ -325,14 +347,16 @@ def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> tuple[Engine
     """The engine's output and the name of the engine that produced it (see :func:`choose_engine`)."""
     state = state_of(model)
     reference = ReferenceEngine(model, show_progress=config.show_progress)
+    tokens = traced_tokens(config, inputs.subject, inputs.n_tokens)
     if choose_engine(model, config)[0] == "reference":
-        return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
+        return reference.run(inputs, config.kinds, config.window, config.direction, tokens), "reference"
     try:
-        output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window)
+        output = PrefixEngine(model, show_progress=config.show_progress).run(inputs, config.kinds, config.window,
+                                                                                tokens)
     except EngineUnsupported as error:
         warnings.warn(f"fast tracing engine unavailable for this model ({error}); using the reference engine")
         state.fast_engine_ok = False
-        return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
+        return reference.run(inputs, config.kinds, config.window, config.direction, tokens), "reference"
     if config.verify and not state.fast_engine_ok:
         mismatch = _largest_mismatch(reference, inputs, output, config)
         if mismatch > _VERIFY_TOLERANCE:
@@ -341,7 +365,7 @@ def _run_engine(model, inputs: TraceInputs, config: TraceConfig) -> tuple[Engine
                 "falling back to the reference engine (slower, same numbers as kmeng01/rome)"
             )
             state.fast_engine_ok = False
-            return reference.run(inputs, config.kinds, config.window, config.direction), "reference"
+            return reference.run(inputs, config.kinds, config.window, config.direction, tokens), "reference"
         state.fast_engine_ok = True
     return output, "fast"
 
@@ -359,4 +383,4 @@ def _largest_mismatch(reference: ReferenceEngine, inputs: TraceInputs, output: E
 
 
 __all__ = ["TraceConfig", "FactTrace", "trace_fact", "trace_prompt", "noise_std", "fact_from_prompt", "choose_engine",
-           "METHODS", "DIRECTIONS"]
+           "METHODS", "DIRECTIONS", "TOKEN_SELECTIONS", "traced_tokens"]

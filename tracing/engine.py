@@ -178,13 +178,16 @@ class ReferenceEngine:
         logits = self.model.run_with_hooks(batch, fwd_hooks=hooks)
         return float(_answer_probs(logits[:, -1], inputs).mean())
 
-    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int, direction: str = "denoising") -> EngineOutput:
+    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int, direction: str = "denoising",
+            tokens: Sequence[int] | None = None) -> EngineOutput:
+        """Every cell, or the cells at ``tokens`` only (the others keep the corrupted score)."""
         kinds = list(kinds)
         clean_prob, clean_top, _ = clean_and_corrupted(self.model, inputs)
         corrupted = self.corrupted_prob(inputs)
         n_layers, n_tokens = self.adapter.n_layers, inputs.n_tokens
-        scores = {kind: np.zeros((n_tokens, n_layers)) for kind in kinds}
-        cells = [Cell(k, t, l) for k in kinds for t in range(n_tokens) for l in range(n_layers)]
+        scores = {kind: np.full((n_tokens, n_layers), corrupted) for kind in kinds}
+        positions = range(n_tokens) if tokens is None else tokens
+        cells = [Cell(k, t, l) for k in kinds for t in positions for l in range(n_layers)]
         for cell in tqdm(cells, desc="tracing (reference)", disable=not self.show_progress, leave=False):
             scores[cell.kind][cell.token, cell.layer] = self.cell_prob(inputs, cell, window, direction)
         return EngineOutput(clean_prob, corrupted, clean_top, scores)
@@ -300,7 +303,9 @@ class PrefixEngine:
 
     # --- all cells -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int) -> EngineOutput:
+    def run(self, inputs: TraceInputs, kinds: Iterable[str], window: int,
+            tokens: Sequence[int] | None = None) -> EngineOutput:
+        """Every cell, or the cells at ``tokens`` only (the others keep the corrupted score)."""
         kinds = list(kinds)
         adapter = self.adapter
         n_layers, n_tokens = adapter.n_layers, inputs.n_tokens
@@ -312,11 +317,11 @@ class PrefixEngine:
         scores = {kind: np.full((n_tokens, n_layers), corrupted_prob) for kind in kinds}
         first = inputs.subject[0]  # restoring anything before the subject is a no-op
         cells_per_chunk = max(1, self.max_rows // inputs.samples)
-        tokens = range(first, n_tokens)
-        progress = tqdm(total=len(tokens) * len(kinds) * n_layers, desc="tracing", unit="cell",
+        positions = [t for t in (range(n_tokens) if tokens is None else tokens) if t >= first]
+        progress = tqdm(total=len(positions) * len(kinds) * n_layers, desc="tracing", unit="cell",
                         disable=not self.show_progress, leave=False)
         with progress:
-            for token in tokens:
+            for token in positions:
                 prefix = [(k[:1, :, :token], v[:1, :, :token]) for k, v in kv]
                 call_args = capture_block_calls(self.model, inputs.tokens[:, token:], prefix).arguments
                 cells = [Cell(kind, token, layer) for kind in kinds for layer in range(n_layers)]

@@ -27,6 +27,8 @@ if __name__ == "__main__":  # answer --help and refuse bad arguments before the 
 
     locate_parser().parse_args()
 
+import numpy as np
+
 from tracing.average import (AverageEffect, CriticalLayers, average_indirect_effect,
                              choose_critical_layers, trace_facts)
 from tracing.causal_trace import FactTrace, TraceConfig
@@ -37,11 +39,26 @@ from tracing.models import ModelUnavailableError, UnknownModelError, model_spec
 
 @dataclass
 class Localisation:
-    """Average effects per kind and the critical MLP layers chosen from them."""
+    """Average effects per kind and the critical MLP layers chosen from them.
+
+    ``single_layer`` is the MLP effect of restoring *one* layer (window 1) at the last subject token, beside
+    the windowed ``effects["mlp"]`` the layers are chosen from: a window of 10 spreads one layer's effect
+    over the ten windows that contain it, so the windowed curve alone cannot say which layer carries it."""
 
     effects: dict[str, AverageEffect]
     critical: CriticalLayers
     traces: list[FactTrace]
+    single_layer: AverageEffect | None = None
+
+    @property
+    def windowed_curve(self) -> np.ndarray:
+        """AIE of the MLP window centred on each layer, at the last subject token."""
+        return self.effects["mlp"].role("last subject token")
+
+    @property
+    def single_layer_curve(self) -> np.ndarray | None:
+        """AIE of restoring each layer's MLP output alone, at the last subject token (None if not traced)."""
+        return None if self.single_layer is None else self.single_layer.role("last subject token")
 
     @property
     def layer_set(self) -> LayerSet:
@@ -51,15 +68,24 @@ class Localisation:
 
 
 def locate(model, facts: list[Fact], config: TraceConfig = TraceConfig(kinds=("mlp",)), size: int = 5,
-           method: str = "peak-end", only_correct: bool = True) -> Localisation:
+           method: str = "peak-end", only_correct: bool = True, single_layer: bool = True) -> Localisation:
     """Trace ``facts`` and choose ``size`` critical MLP layers (the MLP kind is always traced).
 
-    As in ROME, facts the model gets wrong are left out of the averages unless ``only_correct=False``."""
+    As in ROME, facts the model gets wrong are left out of the averages unless ``only_correct=False``.
+    With ``single_layer`` the MLP is also traced one layer at a time (window 1) at the last subject token
+    only (a fraction of the full trace's cost); its curve is recorded beside the windowed one."""
     if "mlp" not in config.kinds:
         config = dataclasses.replace(config, kinds=(*config.kinds, "mlp"))
     traces = trace_facts(model, facts, config)
     effects = {kind: average_indirect_effect(traces, kind, only_correct) for kind in config.kinds}
-    return Localisation(effects, choose_critical_layers(effects["mlp"], size, method), traces)
+    critical = choose_critical_layers(effects["mlp"], size, method)
+    one_layer = None
+    if single_layer:
+        one_layer_config = dataclasses.replace(config, kinds=("mlp",), window=1, tokens="last subject")
+        one_layer = average_indirect_effect(trace_facts(model, facts, one_layer_config), "mlp", only_correct)
+        curve = one_layer.role("last subject token")
+        critical = dataclasses.replace(critical, single_layer_curve=tuple(float(v) for v in curve))
+    return Localisation(effects, critical, traces, one_layer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")
     for kind, effect in result.effects.items():
         curve = effect.role("last subject token")
-        print(f"{kind:>5} AIE at last subject token, by layer: " + " ".join(f"{v:.2f}" for v in curve))
+        print(f"{kind:>5} AIE at last subject token, by layer (window {effect.window}): "
+              + " ".join(f"{v:.2f}" for v in curve))
+    single = result.single_layer_curve
+    print("  mlp AIE at last subject token, by layer (one layer restored): " + " ".join(f"{v:.3f}" for v in single))
     critical = result.critical
     print(f"critical MLP layers ({critical.method}): {list(critical.layers)} (peak at layer {critical.peak})")
     print(f"saved to {save_critical_layers(critical, name)}")

@@ -153,14 +153,21 @@ def plot_average_effect(effects: Sequence, title: str | None = None):
 
 
 def plot_critical_layers(critical, title: str | None = None):
-    """The MLP indirect effect at the last subject token per layer, the chosen band shaded."""
+    """The MLP indirect effect at the last subject token per layer, the chosen band shaded; the effect of
+    restoring one layer alone beside it when it was traced."""
     curve = np.asarray(critical.curve)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.0, 2.4))
         ax.axvspan(critical.layers[0] - 0.5, critical.layers[-1] + 0.5, color="#2ca02c", alpha=0.15,
                    label=f"critical layers {critical.layers[0]}–{critical.layers[-1]}")
-        ax.plot(range(len(curve)), curve, color="#1b7837", marker="o", markersize=3, linewidth=1.5)
-        ax.set_xlabel("layer (centre of MLP window)")
+        ax.plot(range(len(curve)), curve, color="#1b7837", marker="o", markersize=3, linewidth=1.5,
+                label="window centred on the layer" if critical.single_layer_curve else None)
+        if critical.single_layer_curve:
+            single = np.asarray(critical.single_layer_curve)
+            ax.plot(range(len(single)), single, color="#762a83", marker="s", markersize=3, linewidth=1.2,
+                    linestyle="--", label="one layer restored")
+        ax.set_xlabel("layer (centre of MLP window, or the one layer)" if critical.single_layer_curve
+                      else "layer (centre of MLP window)")
         ax.set_ylabel("avg. indirect effect")
         ax.set_title(title or f"MLP effect at the last subject token ({critical.n_facts} facts)")
         ax.legend(frameon=False, fontsize=8)
