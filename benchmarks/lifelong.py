@@ -13,6 +13,10 @@ paraphrases; locality = agreement with the *unedited* model's predictions, recor
 name no subject edited in the run (a subject-keyed edit is meant to reach every prompt about its subject,
 so these separate leaks onto other subjects from effects on the edited subjects' other relations).
 
+Routers also get ``routed`` / ``routed_and_answered`` (edit prompts that reach a memory, and are answered)
+and ``routed_locality``; WISE's rows add ``routing_auc`` and ``score_auc``, the separation (AUC) of the edit
+prompts from the locality prompts by the router's evidence and by the activation score alone.
+
 ``--edits 100,300,1000 --one-stream`` edits the largest T once and scores ``after_all`` at each smaller T
 on the way (the first T facts, as a separate run of T would edit them, in the same calls): one stream
 instead of three, and rows that are kept as they come.

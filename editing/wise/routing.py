@@ -37,8 +37,9 @@ class Routing(Route):
         (routed when above 1), the memories the subject gate keeps out counting 0 unless ``gated`` is False
         (the score alone). 0 without memories."""
         allowed = self.eligible if gated and self.eligible else [True] * len(self.scores)
-        return max((score / max(threshold, 1e-6) for score, threshold, ok in zip(self.scores, self.thresholds, allowed)
-                    if ok), default=0.0)
+        ratios = (score / max(threshold, 1e-6) for score, threshold, ok
+                  in zip(self.scores, self.thresholds, allowed) if ok)
+        return max(ratios, default=0.0)
 
 
 def running_score(scores: torch.Tensor, valid: torch.Tensor | None, kind: str,

@@ -27,7 +27,8 @@ class SubjectGate:
     """Per edit, the spellings of its subject and the memory that holds it; tells which memories each
     position of a batch of token rows may reach."""
 
-    def __init__(self, spellings: Sequence[Sequence[tuple[int, ...]]], owners: Sequence[int], n_memories: int) -> None:
+    def __init__(self, spellings: Sequence[Sequence[tuple[int, ...]]], owners: Sequence[int],
+                 n_memories: int) -> None:
         if len(spellings) != len(owners):
             raise ValueError(f"{len(spellings)} edits have spellings but the memories hold {len(owners)}")
         self.index = SpellingIndex(spellings)
