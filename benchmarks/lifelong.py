@@ -13,6 +13,10 @@ paraphrases; locality = agreement with the *unedited* model's predictions, recor
 name no subject edited in the run (a subject-keyed edit is meant to reach every prompt about its subject,
 so these separate leaks onto other subjects from effects on the edited subjects' other relations).
 
+Routers also get ``routed`` / ``routed_and_answered`` (edit prompts that reach a memory, and are answered)
+and ``routed_locality``; WISE's rows add ``routing_auc`` and ``score_auc``, the separation (AUC) of the edit
+prompts from the locality prompts by the router's evidence and by the activation score alone.
+
 ``--edits 100,300,1000 --one-stream`` edits the largest T once and scores ``after_all`` at each smaller T
 on the way (the first T facts, as a separate run of T would edit them, in the same calls): one stream
 instead of three, and rows that are kept as they come.
@@ -45,6 +49,15 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
 PROTOCOLS = ("after_all", "after_each")
 
 
+def literal_or_text(value: str) -> Any:
+    """A ``--set`` value: a Python literal (``30``, ``2.0``, ``False``, ``("The",)``), else the text itself
+    (``wise.route_match=subject``)."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
 def split_facts(seed: int, held_out: int) -> tuple[list, list]:
     """The known facts in a fixed shuffle: the pool every run takes its first T from, and the last
     ``held_out`` that no run edits."""
@@ -72,15 +85,37 @@ def default_config(name: str, overrides: dict[str, Any]):
 
 def routing_shares(model, editor, facts: Sequence) -> dict[str, float | None]:
     """Share of the edit prompts that reach a memory, and that reach one *and* are answered (every target
-    token the argmax under teacher forcing); None for methods that do not route."""
-    from editing.evaluate import read_continuations
+    token the argmax under teacher forcing), and share of the locality prompts that reach one; None for
+    methods that do not route. For routers that score (WISE), the separation of edit from locality
+    prompts: ``routing_auc``, the AUC of the router's evidence (its largest score-to-threshold ratio over
+    the memories the prompt may reach), and ``score_auc``, the same with every memory allowed (the
+    activation score alone)."""
+    from editing.evaluate import locality_pairs, read_continuations
 
     if not editor.routes:
-        return {"routed": None, "routed_and_answered": None}
-    routed = [r.memory is not None for r in editor.route([f.prompt for f in facts])]
+        return {"routed": None, "routed_and_answered": None, "routed_locality": None, "routing_auc": None,
+                "score_auc": None}
+    edits = editor.route([f.prompt for f in facts])
+    locality = editor.route([prompt for prompt, _ in locality_pairs(facts)])
+    routed = [r.memory is not None for r in edits]
     answered = [c.accuracy == 1.0 for c in read_continuations(model, [(f.prompt, f.target_new) for f in facts])]
+    scored = hasattr(edits[0], "margin") and bool(locality)
     return {"routed": sum(routed) / len(facts),
-            "routed_and_answered": sum(r and a for r, a in zip(routed, answered)) / len(facts)}
+            "routed_and_answered": sum(r and a for r, a in zip(routed, answered)) / len(facts),
+            "routed_locality": sum(r.memory is not None for r in locality) / len(locality) if locality else None,
+            **{key: separation_auc([r.margin(gated) for r in edits], [r.margin(gated) for r in locality])
+               if scored else None for key, gated in (("routing_auc", True), ("score_auc", False))}}
+
+
+def separation_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """P(a positive scores above a negative), ties counting half: the area under the ROC curve."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(negatives, dtype=float))
+    values = np.asarray(positives, dtype=float)
+    below = np.searchsorted(ordered, values, "left")
+    ties = np.searchsorted(ordered, values, "right") - below
+    return float((below + 0.5 * ties).sum() / (len(values) * len(ordered)))
 
 
 def names_any(prompt: str, subjects: Sequence[str]) -> bool:
@@ -209,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             name, field = target.split(".", 1)
             if name not in overrides:
                 raise ValueError(f"--set {item}: {name!r} is not among --methods")
-            overrides[name][field] = ast.literal_eval(value)
+            overrides[name][field] = literal_or_text(value)
         configs = {name: default_config(name, overrides[name]) for name in names}
-    except (ValueError, SyntaxError) as error:
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

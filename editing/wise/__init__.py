@@ -7,8 +7,9 @@ large. Where this implementation differs from the paper and EasyEdit, and what e
 in docs/wise.md.
 
 ``config`` (hyperparameters), ``easyedit`` (EasyEdit's algorithm as a preset), ``routing`` (scores and the
-routing decision), ``memory`` (side memories, shards, merges), ``negatives`` and ``calibration`` (what the
-router is trained and calibrated against), ``editor`` (:class:`WiseEditor`: hooks, editing, persistence).
+routing decision), ``subject_gate`` (``route_match="subject"``: only prompts spelling a memory's
+subjects may reach it), ``memory`` (side memories, shards, merges), ``negatives`` and ``calibration``
+(what the router is trained and calibrated against), ``editor`` (:class:`WiseEditor`: hooks, editing, persistence).
 """
 
 from editing.ties import ties_merge
@@ -21,7 +22,8 @@ from editing.wise.negatives import NegativeSampler, unrelated_texts
 from editing.wise.relations import Relations
 from editing.wise.routing import (Routing, activation_scores, calibrated_floors, common_directions, row_score,
                                   running_score)
+from editing.wise.subject_gate import SubjectGate
 
-__all__ = ["EditResult", "FloorCalibrator", "NegativeSampler", "Relations", "Routing", "SideMemory", "WiseConfig",
-           "WiseEasyEditConfig", "WiseEditor", "activation_scores", "calibrated_floors", "common_directions",
-           "default_layer", "row_score", "running_score", "ties_merge", "unrelated_texts"]
+__all__ = ["EditResult", "FloorCalibrator", "NegativeSampler", "Relations", "Routing", "SideMemory", "SubjectGate",
+           "WiseConfig", "WiseEasyEditConfig", "WiseEditor", "activation_scores", "calibrated_floors",
+           "common_directions", "default_layer", "row_score", "running_score", "ties_merge", "unrelated_texts"]

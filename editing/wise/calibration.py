@@ -22,11 +22,14 @@ from tracing.facts import Fact
 class FloorCalibrator:
     """Sets memories' floors from ``prompts`` (the calibration prompts) and their ``rows`` (keys, valid),
     following ``config``'s ``calibration_quantile`` / ``calibration_mode`` / ``calibration_scope``;
-    ``relations`` tells which relation a prompt asks about."""
+    ``relations`` tells which relation a prompt asks about. ``eligible`` (memories, prompts), under the
+    subject gate: which memories each prompt may reach at all; a memory's floor is then set by the prompts
+    that may reach it (the others score 0 for it: the gate already keeps them out)."""
 
     def __init__(self, prompts: Sequence[str], rows: tuple[torch.Tensor, torch.Tensor], relations: Relations,
-                 config: WiseConfig) -> None:
+                 config: WiseConfig, eligible: torch.Tensor | None = None) -> None:
         self.prompts, self.rows, self.relations, self.config = prompts, rows, relations, config
+        self.eligible = eligible
 
     @torch.no_grad()
     def refresh(self, memories: Sequence[SideMemory], facts: Sequence[Fact]) -> None:
@@ -43,6 +46,8 @@ class FloorCalibrator:
             return
         index = torch.tensor(kept)
         scores = torch.stack([self.scores(memory)[index] for memory in memories])  # (M, N)
+        if self.eligible is not None:
+            scores = scores * self.eligible[:, index].to(scores.dtype)
         for memory, floor in zip(memories, calibrated_floors(scores, [m.scale for m in memories],
                                                              self.config.calibration_quantile,
                                                              self.config.calibration_mode)):

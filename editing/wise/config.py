@@ -17,6 +17,7 @@ CALIBRATION_SCOPES = ("fact", "subject")
 CALIBRATION_MODES = ("joint", "memory")
 CHOICES = ("ratio", "score")
 MARGIN_MEANS = ("all", "violated")
+ROUTE_MATCHES = ("any", "subject")
 LOC_PREFIXES = ("In", "We", "It", "My", "This", "When", "There", "She", "He", "They", "A", "After", "For", "If",
                 "On", "One", "Our", "Today", "What", "How", "Why", "Yesterday", "Please", "Thanks", "Water",
                 "Music", "Science", "Python", "Dear", "Once", "Most", "Every")
@@ -37,6 +38,11 @@ class WiseConfig:
 
     ``calibration_quantile`` sets how strict the threshold floor is: 1.0 keeps every calibration prompt on
     the main memory; 0.99 lets the top 1 % through and answers more edits (see docs/wise.md).
+
+    ``route_match="subject"`` adds a gate before the score (:mod:`editing.wise.subject_gate`): a position may
+    reach a memory only once the tokens so far spell a subject edited into it (its token ids in the edit
+    prompt, in each context template, alone and after a space), and floors are calibrated on the prompts
+    that may reach each memory. ``"any"``: every prompt may reach every memory, the paper's router.
     """
 
     method: ClassVar[str] = "wise"  # the registered method an editor with this config is
@@ -79,6 +85,7 @@ class WiseConfig:
     margin_mean: str = "all"  # each margin term averages its hinge over "all" rows, or the "violated" ones only
     weight_decay: float = 0.0  # SGD weight decay on the side weight W + Δ, every entry (EasyEdit: 1e-5)
     bare_contexts: bool = True  # the context prefixes without a prompt are unrelated rows
+    route_match: str = "any"  # "subject": only prompts spelling a subject edited into a memory may reach it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +105,8 @@ class WiseConfig:
             raise ValueError(f"choose must be one of {CHOICES}, not {self.choose!r}")
         if self.margin_mean not in MARGIN_MEANS:
             raise ValueError(f"margin_mean must be one of {MARGIN_MEANS}, not {self.margin_mean!r}")
+        if self.route_match not in ROUTE_MATCHES:
+            raise ValueError(f"route_match must be one of {ROUTE_MATCHES}, not {self.route_match!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
 

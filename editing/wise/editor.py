@@ -22,6 +22,7 @@ from editing.contexts import context_templates
 from editing.editor import Editor, as_facts
 from editing.prompts import in_context, subject_row
 from editing.requests import validate_requests
+from editing.subject_spellings import subject_spellings
 from editing.targets import frozen_weights
 from editing.weights import weight_fingerprint
 from editing.wise.calibration import FloorCalibrator
@@ -31,6 +32,7 @@ from editing.wise.memory import (SideMemory, finite_or_none, inf_if_none, memory
                                  merge_shards, new_shard, to_saved)
 from editing.wise.negatives import NegativeSampler, prompt_pools, unrelated_texts
 from editing.wise.relations import Relations
+from editing.wise.subject_gate import SubjectGate, memory_owners
 from editing.wise.routing import (Routing, activation_scores, common_directions, decide, hinge_mean, masked_mean,
                                   real_positions, routed_output, row_score, running_score, valid_mask, without_common)
 from tracing.activations import activations_at
@@ -133,10 +135,14 @@ class WiseEditor(Editor):
         self.global_min_act = math.inf
         self.n_edits = 0
         self.requests: list[Fact] = []
+        self.spellings: list[list[tuple[int, ...]]] = []  # per request: its subject's token-id spellings
         self._hook_handles: list = []  # (hook point, LensHandle) of the routing hooks
         self._call_handles: list = []  # pre/post hooks on the Hugging Face model
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # stacked deltas, thresholds
         self._key: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None  # token ids of the forward in progress (the subject gate)
+        self._history: torch.Tensor | None = None  # token ids of the rows so far, for a KV-cached continuation
+        self._gate: SubjectGate | None = None
         self._call: _Call | None = None
         self._carry: torch.Tensor | None = None
         self._routing_on = True
@@ -145,6 +151,7 @@ class WiseEditor(Editor):
         self._negatives: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, valid of negative_prompts
         self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, valid of calibration_prompts
         self._reserved: set[str] = set()  # prompts never trained on: evaluations' and the calibration's
+        self._calibration_rows: list[list[int]] = []  # token ids of calibration_prompts
         self.common: torch.Tensor | None = None  # (d_mlp, r) orthonormal directions shared by generic keys
 
     # --- inspection ---------------------------------------------------------------------------------
@@ -181,7 +188,20 @@ class WiseEditor(Editor):
     @property
     def calibrator(self) -> FloorCalibrator:
         """Sets the memories' threshold floors from this editor's calibration prompts, under its config."""
-        return FloorCalibrator(self.calibration_prompts or [], self._calibration, self.relations, self.config)
+        eligible = self._subject_gate().reaches(self._calibration_rows) if self._gated else None
+        return FloorCalibrator(self.calibration_prompts or [], self._calibration, self.relations, self.config,
+                               eligible)
+
+    @property
+    def _gated(self) -> bool:
+        return self.config.route_match == "subject"
+
+    def _subject_gate(self) -> SubjectGate:
+        """Which memories a prompt may reach under ``route_match="subject"`` (rebuilt after every edit)."""
+        if self._gate is None:
+            memories = self.memories
+            self._gate = SubjectGate(self.spellings, memory_owners([m.n_edits for m in memories]), len(memories))
+        return self._gate
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Routing]:
@@ -191,11 +211,14 @@ class WiseEditor(Editor):
             return [Routing(p, None, [], []) for p in prompts]
         rows = [encode(model, p) for p in prompts]
         keys = self._keys(model, rows)
+        gate = self._subject_gate().eligible(rows, keys.shape[1], keys.device) if self._gated else None
         statistic, choice, _, _ = decide(keys, valid_mask(rows, keys.device), *self._routing_table(),
-                                         self.config.score, choose=self.config.choose)
+                                         self.config.score, choose=self.config.choose, gate=gate)
         index, last = torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])
         scores, chosen = statistic[:, index, last], choice[index, last]
-        return [Routing(p, int(chosen[i]) if chosen[i] >= 0 else None, scores[:, i].tolist(), self.thresholds())
+        allowed = gate[:, index, last] if gate is not None else None
+        return [Routing(p, int(chosen[i]) if chosen[i] >= 0 else None, scores[:, i].tolist(), self.thresholds(),
+                        [] if allowed is None else allowed[:, i].tolist())
                 for i, p in enumerate(prompts)]
 
     # --- attach / detach ----------------------------------------------------------------------------
@@ -219,6 +242,8 @@ class WiseEditor(Editor):
             self._start_shard((adapter.d_model, adapter.d_mlp))
         self._move_to(weight.device)
         self._prepare_rows(model)  # samples text, so before any routing hook is in place
+        self.spellings += [subject_spellings(model, fact, self._contexts)  # a file saved without them
+                           for fact in self.requests[len(self.spellings):]]
         self._install(model)
         return self
 
@@ -232,6 +257,7 @@ class WiseEditor(Editor):
         state_of(model).attached.pop("wise", None)
         require_full_forwards(model, "wise", False)
         self.model, self._call, self._carry, self._key = None, None, None, None
+        self._tokens, self._history, self._gate = None, None, None
 
     def undo(self) -> None:
         """The unedited model again (:meth:`detach`; the memories stay in this object)."""
@@ -240,14 +266,15 @@ class WiseEditor(Editor):
 
     def _install(self, model) -> None:
         """Permanent hooks (they survive ``model.reset_hooks()``), first in line at their hook points."""
-        self._hook_handles = add_permanent_hooks(model, [(ModelAdapter.mlp_key(self.layer), self._keep_key),
+        self._hook_handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
+                                                         (ModelAdapter.mlp_key(self.layer), self._keep_key),
                                                          (ModelAdapter.mlp_value(self.layer), self._route_output)])
         hf_model = model.original_model
         self._call_handles = [hf_model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                               hf_model.register_forward_hook(self._end_call)]
         state_of(model).attached["wise"] = self
         require_full_forwards(model, "wise", True)  # routing reads the whole prefix: no suffix-only tracing
-        self.model, self._table, self._carry = model, None, None
+        self.model, self._table, self._carry, self._gate = model, None, None, None
 
     def _attached(self):
         if self.model is None:
@@ -263,20 +290,39 @@ class WiseEditor(Editor):
     def _end_call(self, module, args, output) -> None:
         self._call = None
 
+    def _keep_tokens(self, tokens: torch.Tensor, hook) -> None:
+        self._tokens = tokens
+
     def _keep_key(self, key: torch.Tensor, hook) -> None:
         self._key = key
 
     def _route_output(self, value: torch.Tensor, hook) -> torch.Tensor | None:
         key, self._key = self._key, None
+        tokens, self._tokens = self._tokens, None  # read once: a later call without embedding gets none
         if not self._routing_on or key is None or not self.memories:
             return None
         key = self._specific(key)
         call = self._call or _Call(None, 0)
         fits = self._carry is not None and tuple(self._carry.shape[1:]) == (len(self.memories), key.shape[0])
         carry = self._carry if call.past > 0 and fits else None
+        gate = self._gate_of_call(tokens, key, call) if self._gated else None
         _, choice, change, self._carry = decide(key, real_positions(call.mask, key), *self._routing_table(),
-                                                self.config.score, carry, self.config.choose)
+                                                self.config.score, carry, self.config.choose, gate)
         return routed_output(value, choice, change)
+
+    def _gate_of_call(self, tokens: torch.Tensor | None, key: torch.Tensor, call: _Call) -> torch.Tensor:
+        """The subject gate (memories, b, s) at this call's positions. A KV-cached call continues the token
+        rows of the calls before it (a spelling may straddle the two); a call whose token ids were not seen
+        (states fed to a block directly) reaches no memory."""
+        batch, length = key.shape[:2]
+        if tokens is None or tuple(tokens.shape) != (batch, length):
+            self._history = None
+            return torch.zeros(len(self.memories), batch, length, dtype=torch.bool, device=key.device)
+        history = self._history
+        if call.past > 0 and history is not None and tuple(history.shape) == (batch, call.past):
+            tokens = torch.cat([history, tokens.to(history.device)], 1)
+        self._history = tokens
+        return self._subject_gate().eligible(tokens.tolist(), device=key.device)[..., -length:]
 
     def _routing_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The memories' stacked deltas and thresholds (rebuilt after every edit)."""
@@ -310,8 +356,10 @@ class WiseEditor(Editor):
         self.current.in_scores += in_scores
         self.n_edits += len(facts)
         self.requests += facts
+        self.spellings += [subject_spellings(self.model, fact, self._contexts) for fact in facts]
         if self.current.n_edits >= self.config.save_freq:
             self._save_shard()
+        self._gate = None
         self.calibrator.refresh(self.memories, self.requests)
         self._table, self._carry = None, None
 
@@ -498,6 +546,7 @@ class WiseEditor(Editor):
         calibration = self._prompt_keys(model, self.calibration_prompts)
         self._calibration = self._specific(calibration[0]), calibration[1]
         self._reserved = evaluated_prompts() | set(self.calibration_prompts)
+        self._calibration_rows = [encode(model, prompt) for prompt in self.calibration_prompts]
 
     def _prompt_keys(self, model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw keys and valid mask of ``prompts`` (an empty pair for none)."""
@@ -583,6 +632,7 @@ class WiseEditor(Editor):
             "global_min_act": finite_or_none(self.global_min_act),
             "n_edits": self.n_edits,
             "requests": [fact.to_counterfact() for fact in self.requests],
+            "spellings": [[list(spelling) for spelling in entry] for entry in self.spellings],
             "negatives": self.negative_prompts,
             "calibration": self.calibration_prompts,
             "templates": self.templates,
@@ -610,6 +660,7 @@ class WiseEditor(Editor):
         editor.global_min_act = inf_if_none(meta["global_min_act"])
         editor.n_edits = meta["n_edits"]
         editor.requests = [Fact.from_counterfact(r) for r in meta["requests"]]
+        editor.spellings = [[tuple(spelling) for spelling in entry] for entry in meta.get("spellings", [])]
         return editor if model is None else editor.attach(model)
 
 

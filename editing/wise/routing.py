@@ -9,7 +9,7 @@ its threshold. The thresholds' floors are calibrated on held-out prompts (:func:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,10 +24,22 @@ FLOOR_HEADROOM = 4 * torch.finfo(torch.float32).eps
 @dataclass(frozen=True)
 class Routing(Route):
     """Where one prompt is routed (``memory``: an index into :attr:`WiseEditor.memories`, None = the main
-    memory), with each memory's score at the prompt's last token and the thresholds it was held to."""
+    memory), with each memory's score at the prompt's last token, the thresholds it was held to, and under
+    ``route_match="subject"`` whether the prompt spells a subject of each memory (empty: every memory may
+    be reached)."""
 
     scores: list[float]
     thresholds: list[float]
+    eligible: list[bool] = field(default_factory=list)
+
+    def margin(self, gated: bool = True) -> float:
+        """The router's evidence for a side memory: the largest score-to-threshold ratio over the memories
+        (routed when above 1), the memories the subject gate keeps out counting 0 unless ``gated`` is False
+        (the score alone). 0 without memories."""
+        allowed = self.eligible if gated and self.eligible else [True] * len(self.scores)
+        ratios = (score / max(threshold, 1e-6) for score, threshold, ok
+                  in zip(self.scores, self.thresholds, allowed) if ok)
+        return max(ratios, default=0.0)
 
 
 def running_score(scores: torch.Tensor, valid: torch.Tensor | None, kind: str,
@@ -82,14 +94,17 @@ def activation_scores(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def decide(keys: torch.Tensor, valid: torch.Tensor | None, deltas: torch.Tensor, thresholds: torch.Tensor,
-           kind: str, carry: torch.Tensor | None = None, choose: str = "ratio"):
+           kind: str, carry: torch.Tensor | None = None, choose: str = "ratio", gate: torch.Tensor | None = None):
     """For keys (b, s, d_mlp) and memories ``deltas`` (k, d_model, d_mlp): per memory the output change
     (k, b, s, d_model) and the running statistic (k, b, s); per position the chosen memory (of the memories
-    above their thresholds, the one furthest above as a ratio, or with ``choose="score"`` the one with the
-    largest statistic, EasyEdit's rule; -1 = main memory); and the next carry."""
+    above their thresholds, and allowed by ``gate`` (k, b, s) where one is given, the one furthest above as
+    a ratio, or with ``choose="score"`` the one with the largest statistic, EasyEdit's rule; -1 = main
+    memory); and the next carry."""
     change = torch.einsum("bsm,kdm->kbsd", keys.to(deltas.dtype), deltas)
     statistic, carry = running_score(torch.linalg.vector_norm(change, dim=-1), valid, kind, carry)
     eligible = statistic > thresholds[:, None, None]
+    if gate is not None:
+        eligible = eligible & gate.to(eligible.device)
     if choose == "score":
         margin = statistic
     else:  # how far above its own threshold
