@@ -184,6 +184,17 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
     return rows
 
 
+def unedited_row(model, facts: list) -> dict:
+    """The unedited model's row for ``facts`` (the floor every method's Rel. / Gen. is read against: later
+    tokens of a multi-token target follow from the first, so it is above 0). Loc. and Unrel. are agreement
+    with itself, 1 by definition."""
+    from editing.evaluate import evaluate_accuracy, locality_predictions
+
+    summary = evaluate_accuracy(model, facts, locality_predictions(model, facts))
+    return {"reliability": summary.reliability, "generalization": summary.generalization,
+            "locality": summary.locality, "unrelated": 1.0, "s_per_edit": None, "T": len(facts)}
+
+
 def _unedited(model, facts: list, unrelated: tuple[list, list]) -> dict:
     """What the unedited model answers on the prompts a score of ``facts`` reads: their locality prompts,
     the held-out facts (``unrelated``: pairs and their recorded answers), and both restricted to prompts
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=200, help="facts no run edits (the unrelated column)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
+    parser.add_argument("--unedited", action="store_true",
+                        help="also write the unedited model's row (method 'unedited') at each T")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     try:
@@ -264,22 +277,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    def write(row: dict, name: str, protocol: str) -> None:
+        record = {"method": name, "T": row.pop("T"), "batch": args.batch, "protocol": protocol,
+                  "facts": "counterfact-bundled", **row,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+                  "model": args.model, "seed": args.seed, "one_stream": args.one_stream,
+                  "config": {k: v for k, v in overrides.get(name, {}).items()}}
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    if args.unedited:
+        for t in sorted(set(edits)):
+            write(unedited_row(model, pool[:t]), "unedited", "after_all")
     streams = [(max(edits), edits)] if args.one_stream else [(t, [t]) for t in edits]
     for t, checkpoints in streams:
         for name in names:
             for protocol in protocols:
-                def write(row: dict, name: str = name, protocol: str = protocol) -> None:
-                    record = {"method": name, "T": row.pop("T"), "batch": args.batch, "protocol": protocol,
-                              "facts": "counterfact-bundled", **row,
-                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
-                              "model": args.model, "seed": args.seed, "one_stream": args.one_stream,
-                              "config": {k: v for k, v in overrides[name].items()}}
-                    with out.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    print(json.dumps(record), flush=True)
-
-                run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints, write)
+                run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints,
+                           lambda row, name=name, protocol=protocol: write(row, name, protocol))
     return 0
 
 

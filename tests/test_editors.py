@@ -274,3 +274,26 @@ def test_the_lifelong_benchmark_tells_prompts_that_name_an_edited_subject_as_who
     assert not names_any("Irkutsk is in", subjects)
     assert not names_any("San Diegoan food", subjects)  # a longer word is another name
     assert not names_any("x . y", [])  # no subjects: nothing is named
+
+
+def test_the_lifelong_benchmark_writes_the_unedited_row_beside_the_methods(tmp_path, tiny_llama):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import main, split_facts
+
+    from editing.evaluate import evaluate_accuracy, locality_predictions
+
+    out = tmp_path / "rows.jsonl"
+    assert main(["--model", "tiny-llama", "--methods", "grace", "--edits", "2", "--batch", "2", "--held-out", "1",
+                 "--unedited", "--out", str(out)]) == 0
+    unedited, grace = [json.loads(line) for line in out.read_text().splitlines()]
+    facts = split_facts(0, 1)[0][:2]
+    expected = evaluate_accuracy(tiny_llama, facts, locality_predictions(tiny_llama, facts))
+    assert (unedited["method"], unedited["T"], unedited["s_per_edit"]) == ("unedited", 2, None)
+    assert unedited["reliability"] == pytest.approx(expected.reliability)
+    assert unedited["generalization"] == pytest.approx(expected.generalization)
+    assert unedited["locality"] == 1.0 and unedited["unrelated"] == 1.0
+    assert grace["method"] == "grace" and grace["reliability"] > unedited["reliability"]
