@@ -199,6 +199,25 @@ def load_model(
     return wrap_hf_model(hf_model, tokenizer, spec, device=placement.device)
 
 
+def load_hf_model(name: str = EMBEDDED_MODEL, *, seed: int = 0):
+    """``(hf_model, tokenizer)``: the plain Hugging Face model ``load_model`` would wrap, float32 on the CPU, in
+    eval mode and without gradients. For comparisons with code written against Hugging Face modules (ROME's
+    hooks on ``model.layers[i].mlp``...); the bridge replaces those modules in the model it wraps, so this
+    is a second, untouched copy (the ``tiny-*`` models are rebuilt from ``seed``, identical weights)."""
+    spec = resolve_model_name(name)
+    if spec.source == "tiny":
+        hf_model, tokenizer = _build_tiny(spec.name, seed, torch.float32)
+    elif spec.source == "embedded":
+        hf_model, tokenizer = _load_embedded(torch.float32)
+    elif spec.source == "local":
+        hf_model, tokenizer = _load_local(spec, torch.float32)
+    else:
+        hf_model, tokenizer = _load_pretrained(spec, torch.float32)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    return hf_model, tokenizer
+
+
 def _load_options(spec: ModelSpec, placement: Placement) -> dict:
     """``from_pretrained``'s ``device_map`` for a split (a device count planned on the model's config)."""
     if placement.device_map is not None:
