@@ -1,5 +1,5 @@
 """The tracing speed benchmark: rome's per-cell loop on the plain HF model gives our exact engine's numbers,
-its FLOP count matches the work the model really does, and the JSON record has the promised keys."""
+the analytic FLOP counts of the rome loop and of the exact engine equal the work their nn.Linear calls really do, and the JSON record has the promised keys."""
 
 from __future__ import annotations
 
@@ -64,6 +64,26 @@ def test_reference_flop_count_is_the_work_of_its_matmuls(tiny_llama, plain_llama
             handle.remove()
     block_w, head_w = trace_speed.matmul_weights(plain_llama)
     expected = trace_speed.reference_flops(block_w, head_w, len(ids), reference.forwards, reference.rows)
+    assert counted[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_exact_flop_count_is_the_work_of_the_bridge_matmuls(tiny_llama, plain_llama):
+    config = TraceConfig(samples=3, verify=False, show_progress=False)
+    trace_prompt(tiny_llama, "The capital of France is", "France", config=config)  # warm-up: noise std cached
+    counted = [0.0]
+
+    def count(module, args, output):
+        counted[0] += 2.0 * module.out_features * args[0].numel()
+
+    handles = [m.register_forward_hook(count) for m in tiny_llama.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        trace = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=config)
+    finally:
+        for handle in handles:
+            handle.remove()
+    block_w, head_w = trace_speed.matmul_weights(plain_llama)
+    expected = trace_speed.exact_flops(block_w, head_w, trace.n_layers, trace.n_tokens, trace.subject_range[0],
+                                       config.samples, config.kinds, config.window)
     assert counted[0] == pytest.approx(expected, rel=1e-9)
 
 
