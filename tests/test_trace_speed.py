@@ -1,5 +1,6 @@
 """The tracing speed benchmark: rome's per-cell loop on the plain HF model gives our exact engine's numbers,
-the analytic FLOP counts of the rome loop and of the exact engine equal the work their nn.Linear calls really do, and the JSON record has the promised keys."""
+the analytic FLOP counts of the rome loop and of the exact engine equal the work their nn.Linear calls really
+do, and the JSON record has the promised keys."""
 
 from __future__ import annotations
 
