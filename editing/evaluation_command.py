@@ -56,7 +56,7 @@ def tables(args, results: dict[str, dict[str, dict]]) -> str:
         rows = {row: {column: scores[name].get(key) for column, key in columns.items()}
                 for row, scores in results.items()}
         corner = f"{args.method} · {args.protocol if args.sequential else 'one call'} · scoring: {name}"
-        parts.append(markdown_table(rows, list(columns), plain=["GE", "EM", "PM", "NM"], corner=corner))
+        parts.append(markdown_table(rows, list(columns), plain=["GE"], corner=corner))
     return "\n\n".join(parts) + "\n"
 
 

@@ -28,11 +28,19 @@ def test_the_command_writes_a_table_json_and_plot_naming_protocol_and_scoring(ti
                        (("probability", "ES | EM | PS | PM | NS | NM | score"), ("token", "Rel | Gen | Loc"),
                         ("generated", "gen-Rel | gen-Gen | gen-Loc"))]
     assert "sequential calls of 2, scored each call right after it" in table
+    from editing.scoring import scoring
+
+    # every probability column in percent, the magnitudes EM / PM / NM as well (as `editing.memit` prints them)
+    probability = dict(scoring("probability").columns)
+    edited_line = table.split("scoring: probability")[1].splitlines()[3]
+    cells = [cell.strip() for cell in edited_line.strip("|").split("|")][1:]
     record = json.loads((tmp_path / "evaluate_grace.json").read_text())
     assert (record["protocol"], record["batch"], record["calls"]) == ("after_each", 2, 2)
     assert record["scoring"] == ["probability", "token", "generated"]
     assert [record["edited"][name]["scoring"] for name in record["scoring"]] == record["scoring"]
     assert (tmp_path / "evaluate_grace.png").read_bytes()[:4] == b"\x89PNG"
+    assert cells == [f"{100 * record['edited']['probability'][key]:.1f}" for key in probability.values()]
+    assert abs(record["edited"]["probability"][probability["EM"]]) > 0.01  # large enough to tell the units apart
     # the unedited row, a second way: the library's token accuracy, and generation by a plain greedy loop
     facts = [Fact.from_counterfact(r) for r in record["facts"]]
     token = evaluate_accuracy(tiny_llama, facts, locality_predictions(tiny_llama, facts))
