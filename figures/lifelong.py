@@ -37,7 +37,8 @@ def plot_lifelong(lines: dict[str, dict[int, dict]], title: str):
     from tracing.plot import STYLE
 
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.0), sharey=True)
+        n_rows = (len(lines) + 1) // 2
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.0 + 0.25 * n_rows), sharey=True)
         for ax, metric in zip(axes, METRICS):
             for i, (label, by_t) in enumerate(sorted(lines.items())):
                 ts = sorted(t for t, row in by_t.items() if row.get(metric) is not None)
@@ -46,9 +47,11 @@ def plot_lifelong(lines: dict[str, dict[int, dict]], title: str):
             ax.set_xlabel("sequential edits T")
             ax.set_title(metric)
             ax.set_ylim(-0.02, 1.02)
-        axes[0].legend(frameon=False, fontsize=7, loc="lower left")
+        handles, labels = axes[0].get_legend_handles_labels()
+        rows = (len(labels) + 1) // 2
+        fig.legend(handles, labels, frameon=False, fontsize=7, loc="lower center", ncol=2)
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))  # the legend below the panels, never over a line
     return fig
 
 
