@@ -23,7 +23,6 @@ shaded, and ES/PS/NS bars per band).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import sys
@@ -271,14 +270,7 @@ def plot_band_comparison(comparison: BandComparison):
 
 def band_list(value: str) -> tuple[str, ...]:
     """Comma-separated band names from :data:`BAND_NAMES` (repeats dropped), or ``all``."""
-    if value.strip() == "all":
-        return BAND_NAMES
-    names = tuple(part.strip() for part in value.split(","))
-    unknown = [name for name in names if name not in BAND_NAMES]
-    if unknown or not value.strip():
-        raise argparse.ArgumentTypeError(f"expected comma-separated bands from {', '.join(BAND_NAMES)} or 'all', "
-                                         f"got {value!r}")
-    return tuple(dict.fromkeys(names))
+    return cli.choice_list(value, BAND_NAMES, "bands")
 
 
 def parser() -> cli.ArgumentParser:
