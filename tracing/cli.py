@@ -256,22 +256,18 @@ def check_model_name(name: str) -> None:
 
 
 def check_device(device: str | None) -> None:
-    """``device`` names a device torch has here (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or is None."""
+    """``device`` names a device torch has here (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or is None: the
+    check ``load_model`` makes (:func:`tracing.placement.single_device`), done before the model loads."""
     if device is None:
         return
     import torch
 
+    from tracing.placement import PlacementError, single_device
+
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        fail(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            fail(f"--device {device!r}: CUDA is not available here (use --device cpu)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            fail(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        fail(f"--device {device!r}: MPS is not available here (use --device cpu)")
+        single_device(device, torch.cuda.device_count())
+    except PlacementError as error:
+        fail(f"--{error}")  # "device '...': ..." as an option
 
 
 def check_answer(model, answer: str, allow_multi_token: bool, option: str = "--answer") -> None:

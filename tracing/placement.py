@@ -63,7 +63,7 @@ def resolve_placement(device: str | torch.device | None = None, dtype: str | tor
     if device is not None and device_map is not None:
         raise PlacementError("pass either device or device_map, not both (a device map places every module)")
     if device_map is None:
-        target = _single_device(device, cuda_count)
+        target = single_device(device, cuda_count)
         if dtype is None:
             dtype = preferred_gpu_dtype if target.type == "cuda" else torch.float32
         return Placement(target, dtype)
@@ -99,12 +99,13 @@ def resolve_placement(device: str | torch.device | None = None, dtype: str | tor
     return Placement(None, dtype, device_map=dict(device_map))
 
 
-def _single_device(device: str | torch.device | None, cuda_count: int) -> torch.device:
+def single_device(device: str | torch.device | None, cuda_count: int) -> torch.device:
+    """The one device asked for (None: CUDA when present, else CPU), refused when it is not here."""
     if device is None:
         return torch.device("cuda" if cuda_count else "cpu")
     try:
         target = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise PlacementError(f"device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if target.type == "cuda":
         if not cuda_count:
