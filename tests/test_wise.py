@@ -19,10 +19,12 @@ from conftest import weights_digest
 # Tiny random models need bigger steps than SmolLM2 and have their own score scale (measured: edited
 # prompts score 40-110, unrelated text 10-30 with these margins). Their keys know no subjects or relations,
 # so the subject and relation negatives (other relations of the subject, other subjects of the relation) and
-# the subject-prefix rows would only fight the edit: off here, tested on their own below.
+# the subject-prefix rows would only fight the edit: off here, tested on their own below. These tests are
+# about the score router (margins, floors, thresholds), so every prompt may reach every memory
+# (``route_match="any"``); the subject gate in front of it, the default, is tested in test_wise_subject_gate.
 TINY = WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, alpha=10.0, beta=40.0, gamma=20.0,
                   loc_prefixes=("In", "We", "It", "My", "This", "When", "There", "She"), corrupted_samples=4,
-                  subject_negatives=0, relation_negatives=0, subject_prefix=False)
+                  subject_negatives=0, relation_negatives=0, subject_prefix=False, route_match="any")
 FAST = dataclasses.replace(TINY, n_iter=2)  # bookkeeping tests: the edits need not succeed
 EIFFEL = Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome")
 UNRELATED = ["My favourite food is", "The weather today is", "She opened the door and"]
@@ -275,6 +277,16 @@ def test_shards_are_saved_and_merged_at_the_configured_frequencies(tiny_llama, a
     assert all(0.15 < float(m.float().mean()) < 0.25 for m in masks)
     assert editor.n_edits == 8 and len(editor.requests) == 8
     assert weights_digest(tiny_llama) == digest
+
+
+def test_merge_freq_zero_keeps_every_shard_as_its_own_memory(tiny_llama, attached):
+    editor = attached(tiny_llama, dataclasses.replace(FAST, save_freq=2, merge_freq=0))
+    for fact in people(5):
+        editor.edit(fact)
+    assert [m.n_edits for m in editor.memories] == [2, 2, 1]
+    for bad in ({"merge_freq": -2}, {"merge_freq": 3}, {"save_freq": 0}):
+        with pytest.raises(ValueError, match="merge_freq"):
+            dataclasses.replace(FAST, save_freq=bad.get("save_freq", 2), merge_freq=bad.get("merge_freq", 0))
 
 
 def test_only_masked_entries_are_trained(tiny_llama, attached):

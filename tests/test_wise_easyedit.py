@@ -34,7 +34,7 @@ def test_the_preset_holds_easyedits_values_and_the_benchmark_runs_it_by_name():
     assert {name: getattr(PRESET, name) for name in easyedit} == easyedit
     ours_off = {"negatives": 0, "negatives_per_edit": 0, "calibration": 0, "corrupted_samples": 0,
                 "subject_negatives": 0, "relation_negatives": 0, "subject_prefix": False, "common_directions": 0,
-                "bare_contexts": False}
+                "bare_contexts": False, "route_match": "any"}
     assert {name: getattr(PRESET, name) for name in ours_off} == ours_off
     assert {name: getattr(WiseConfig(), name) for name in ours_off} != ours_off  # they are ours, not EasyEdit's
     assert PRESET.resolved_layer(32) == 27 and PRESET.resolved_layer(30) == 25  # LLaMA-2-7B's 27 of 32, scaled

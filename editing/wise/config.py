@@ -56,8 +56,8 @@ class WiseConfig:
     gamma: float = 40.0  # and at least this much above unrelated ones
     act_ratio: float = 0.88  # threshold = act_ratio x smallest in-scope score
     norm_constraint: float = 1.0  # |Δ| <= this, elementwise
-    save_freq: int = 500  # edits per knowledge shard
-    merge_freq: int = 1000  # edits between TIES merges (a multiple of save_freq)
+    save_freq: int = 10  # edits per knowledge shard (EasyEdit: 500)
+    merge_freq: int = 0  # edits between TIES merges, a multiple of save_freq; 0: never merge (EasyEdit: 1000)
     density: float = 0.53  # TIES: fraction of each shard's entries kept
     retrieve: bool = True  # WISE-Retrieve (True) or WISE-Merge (False)
     score: str = "max"  # routing statistic over the positions so far: "max" or "mean"
@@ -85,12 +85,12 @@ class WiseConfig:
     margin_mean: str = "all"  # each margin term averages its hinge over "all" rows, or the "violated" ones only
     weight_decay: float = 0.0  # SGD weight decay on the side weight W + Δ, every entry (EasyEdit: 1e-5)
     bare_contexts: bool = True  # the context prefixes without a prompt are unrelated rows
-    route_match: str = "any"  # "subject": only prompts spelling a subject edited into a memory may reach it
+    route_match: str = "subject"  # only prompts spelling a subject edited into a memory may reach it; "any"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.save_freq < 1 or self.merge_freq % self.save_freq:
-            raise ValueError("merge_freq must be a positive multiple of save_freq")
+        if self.save_freq < 1 or self.merge_freq < 0 or self.merge_freq % self.save_freq:
+            raise ValueError("save_freq must be >= 1 and merge_freq 0 (never merge) or a multiple of save_freq")
         if not 0 < self.mask_ratio <= 1 or not 0 < self.density <= 1 or not 0 < self.act_ratio <= 1:
             raise ValueError("mask_ratio, density and act_ratio must be in (0, 1]")
         if self.score not in SCORES:

@@ -52,3 +52,4 @@ class WiseEasyEditConfig(WiseConfig):
     relation_negatives: int = 0
     subject_prefix: bool = False
     common_directions: int = 0
+    route_match: str = "any"  # no subject gate: every prompt may reach every memory

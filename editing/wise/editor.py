@@ -373,7 +373,7 @@ class WiseEditor(Editor):
         self._start_shard(tuple(self.current.delta.shape))
         self._move_to(device)
         per_merge = self.config.merge_freq // self.config.save_freq
-        if self.saved_shards % per_merge == 0:
+        if per_merge and self.saved_shards % per_merge == 0:
             self.stored, self.merged = merge_shards(self.stored, per_merge, self.config.retrieve, self.merged,
                                                     self.config.density)
 
