@@ -32,7 +32,6 @@ average when it finished (other jobs on the cores make the times upper bounds).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import json
@@ -45,17 +44,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from editing.cli import config_override
+
 DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
 PROTOCOLS = ("after_all", "after_each")
-
-
-def literal_or_text(value: str) -> Any:
-    """A ``--set`` value: a Python literal (``30``, ``2.0``, ``False``, ``("The",)``), else the text itself
-    (``wise.route_match=subject``)."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def split_facts(seed: int, held_out: int) -> tuple[list, list]:
@@ -253,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--one-stream scores after_all at increasing T that fall between calls of --batch")
         overrides: dict[str, dict[str, Any]] = {name: {} for name in names}
         for item in args.set:
-            target, value = item.split("=", 1)
-            name, field = target.split(".", 1)
-            if name not in overrides:
-                raise ValueError(f"--set {item}: {name!r} is not among --methods")
-            overrides[name][field] = literal_or_text(value)
+            name, dot, setting = item.partition(".")
+            if not dot or name not in overrides:
+                raise ValueError(f"--set {item}: expected METHOD.FIELD=VALUE with METHOD among --methods")
+            try:
+                field, value = config_override(setting)
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"--set {name}.{error}") from None
+            overrides[name][field] = value
         configs = {name: default_config(name, overrides[name]) for name in names}
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,7 +13,6 @@ in another relation) and of the held-out facts, and appends a row to
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from editing.cli import config_override
 from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy, locality_pairs
 from editing.wise import WiseConfig, WiseEditor
 from lifelong import split_facts
@@ -39,7 +39,7 @@ def share(values, mask) -> tuple[float, int]:
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--save"]
     name, t = args[0], int(args[1])
-    overrides = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args[2:])}
+    overrides = dict(config_override(a) for a in args[2:])  # FIELD=VALUE, a Python literal as everywhere
     batch = overrides.pop("batch", 10)
     torch.set_num_threads(overrides.pop("threads", 1))
     model = load_model("smollm2")

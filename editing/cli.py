@@ -97,7 +97,9 @@ def dataset_source(value: str) -> str:
 
 
 def config_override(value: str) -> tuple[str, object]:
-    """``FIELD=VALUE`` with a Python literal value (numbers, tuples, quoted strings, True/None)."""
+    """``FIELD=VALUE`` with a Python literal value (numbers, tuples, quoted strings, True/None): the one
+    parser of every ``--set`` (``editing.evaluate``, ``benchmarks/lifelong.py``, ``wise_routing.py``), so a
+    typo like ``layer=two`` is refused instead of becoming the text "two"."""
     import ast
 
     field, sep, literal = value.partition("=")

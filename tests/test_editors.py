@@ -297,3 +297,19 @@ def test_the_lifelong_benchmark_writes_the_unedited_row_beside_the_methods(tmp_p
     assert unedited["generalization"] == pytest.approx(expected.generalization)
     assert unedited["locality"] == 1.0 and unedited["unrelated"] == 1.0
     assert grace["method"] == "grace" and grace["reliability"] > unedited["reliability"]
+
+
+def test_the_lifelong_benchmark_parses_set_like_the_evaluate_command(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import main
+
+    out = tmp_path / "rows.jsonl"
+    for setting, message in [("grace.n_iter=two", "must be a Python literal"), ("grace.n_iter", "expected FIELD=VALUE"),
+                             ("memit.layers=(1,)", "among --methods"), ("grace.radius=1.0", "radius")]:
+        assert main(["--model", "tiny-llama", "--methods", "grace", "--edits", "2", "--set", setting,
+                     "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything ran
