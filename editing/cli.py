@@ -126,11 +126,12 @@ def evaluate_parser() -> cli.ArgumentParser:
                         help="'known' (the bundled known facts, default), a dataset name (counterfact, zsre, mquake, "
                              "knowedit-*, ...; downloaded once) or a JSON file of those shapes")
     parser.add_argument("-n", "--n-edits", type=cli.int_at_least(1), default=10,
-                        help="how many facts to edit, one per subject, spread over the dataset (default 10)")
+                        help="how many facts to edit, one per subject, spread over the dataset (default 10); on "
+                             "MQuAKE data, how many cases (each with all its rewrites)")
     parser.add_argument("--sequential", action="store_true",
                         help="edit in consecutive calls of --batch facts instead of one call of all N")
     parser.add_argument("--batch", type=cli.int_at_least(1), default=None,
-                        help="facts per call with --sequential (default 1)")
+                        help="facts per call with --sequential (default 1); on MQuAKE data, whole cases per call")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="after_all",
                         help="after_all: score every fact after the last call (default); after_each: score each "
                              "call's facts right after it (needs --sequential)")

@@ -230,11 +230,12 @@ class NoDataError(ValueError):
 class AccuracySummary:
     """Rel./Gen./Loc.: target-token accuracy on edit prompts, on paraphrases, and agreement with the
     unedited model on locality prompts, with how many prompts each read. ``locality`` is None (and
-    ``n_locality`` 0) only when every locality prompt of these facts is itself edited in the run."""
+    ``n_locality`` 0) only when every locality prompt of these facts is itself edited in the run, or (as
+    ``generalization``) when the dataset has no such prompt and the metric was not required."""
 
     n_cases: int
     reliability: float
-    generalization: float
+    generalization: float | None
     locality: float | None
     n_generalization: int = 0
     n_locality: int = 0
@@ -318,19 +319,21 @@ def locality_predictions(model, facts: Sequence[Fact], edited: Iterable[Fact] = 
 
 
 def evaluate_accuracy(model, facts: Sequence[Fact], baseline: Baseline | Sequence[Sequence[int]],
-                      edited: Iterable[Fact] = ()) -> AccuracySummary:
+                      edited: Iterable[Fact] = (),
+                      required: Sequence[str] = ("generalization", "locality")) -> AccuracySummary:
     """Token accuracy of ``target_new`` on prompts and paraphrases; locality vs ``baseline``, the unedited
     model's predictions (:func:`locality_predictions`; see :func:`locality_pairs` for ``edited``).
 
     Records that carry no paraphrase, or no locality or neighbourhood prompt, raise :class:`NoDataError`
-    instead of reporting NaN."""
+    instead of reporting NaN. A metric left out of ``required`` (a dataset that has none of its prompts,
+    e.g. MQuAKE: the caller shows no column for it) is None with a count of 0 instead."""
     edited = tuple(edited)
     if not facts:
         raise NoDataError("no facts to evaluate")
     para = [(p, f.target_new) for f in facts for p in f.paraphrases]
-    if not para:
+    if not para and "generalization" in required:
         raise NoDataError("generalization: none of these facts has a paraphrase prompt")
-    if not any(fact_locality_pairs(f) for f in facts):
+    if not any(fact_locality_pairs(f) for f in facts) and "locality" in required:
         raise NoDataError("locality: none of these facts has a locality or neighbourhood prompt")
     rel = read_continuations(model, [(f.prompt, f.target_new) for f in facts])
     gen = read_continuations(model, para)
@@ -338,7 +341,7 @@ def evaluate_accuracy(model, facts: Sequence[Fact], baseline: Baseline | Sequenc
     return AccuracySummary(
         n_cases=len(facts),
         reliability=float(np.mean([c.accuracy for c in rel])),
-        generalization=float(np.mean([c.accuracy for c in gen])),
+        generalization=float(np.mean([c.accuracy for c in gen])) if gen else None,
         locality=agreement(model, loc, baseline) if loc else None,
         n_generalization=len(para),
         n_locality=len(loc),

@@ -6,13 +6,16 @@
 
 Whatever a scoring compares with the unedited model is recorded before the first edit, on the prompts it
 will read. Prompts edited anywhere in the run are never read as locality prompts.
+
+``unit`` keeps facts together: consecutive facts with the same ``unit(fact)`` (an MQuAKE case's rewrites,
+whose multi-hop questions need all of them) are one unit, ``batch`` counts units, and no call splits one.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 from editing.scoring import Scoring
 from tracing.facts import Fact
@@ -20,11 +23,20 @@ from tracing.facts import Fact
 PROTOCOLS = ("after_all", "after_each")
 
 
-def batches(facts: Sequence, size: int) -> list[list]:
-    """``facts`` in consecutive calls of ``size`` (the last may be shorter)."""
+def batches(facts: Sequence, size: int, unit: Callable[[Fact], Hashable] | None = None) -> list[list]:
+    """``facts`` in consecutive calls of ``size`` (the last may be shorter). With ``unit``, ``size`` counts
+    runs of consecutive facts with the same ``unit(fact)``, and each run stays in one call."""
     if size < 1:
         raise ValueError(f"the batch size must be >= 1, got {size}")
-    return [list(facts[i: i + size]) for i in range(0, len(facts), size)]
+    if unit is None:
+        return [list(facts[i: i + size]) for i in range(0, len(facts), size)]
+    units: list[list] = []
+    for fact in facts:
+        if units and unit(units[-1][-1]) == unit(fact):
+            units[-1].append(fact)
+        else:
+            units.append([fact])
+    return [[fact for group in units[i: i + size] for fact in group] for i in range(0, len(units), size)]
 
 
 def score_now(model, facts: Sequence[Fact], scorings: Sequence[Scoring]) -> dict[str, dict]:
@@ -40,13 +52,13 @@ class RunResult:
 
 
 def edit_and_score(model, editor, facts: Sequence[Fact], batch: int, protocol: str,
-                   scorings: Sequence[Scoring]) -> RunResult:
-    """Edit ``facts`` with ``editor`` in calls of ``batch`` and score them under ``protocol`` (the edits
-    stay; the caller undoes them)."""
+                   scorings: Sequence[Scoring], unit: Callable[[Fact], Hashable] | None = None) -> RunResult:
+    """Edit ``facts`` with ``editor`` in calls of ``batch`` (units, with ``unit``: see :func:`batches`) and
+    score them under ``protocol`` (the edits stay; the caller undoes them)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     facts = list(facts)
-    calls = batches(facts, batch)
+    calls = batches(facts, batch, unit)
     groups = calls if protocol == "after_each" else [facts]
     baselines = [{s.name: s.record(model, group, facts) for s in scorings} for group in groups]
     reads: dict[str, list] = {s.name: [] for s in scorings}

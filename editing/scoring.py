@@ -10,16 +10,26 @@
 Each :class:`Scoring` records what it needs from the unedited model (``record``, before the first edit),
 reads one group of facts (``read``; the facts of one call, or of the whole run) and merges the reads of
 several groups into one summary dict (``merge``) equal to one read of all their facts.
+
+A dataset with no paraphrase or no locality prompt at all (MQuAKE has neither) gets its scorings without
+those columns (``absent``, :func:`absent_metrics`): no column and no key, rather than an error or a NaN.
+Portability columns are added by :func:`editing.portability.with_portability`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Collection, Sequence
 
 from tracing.facts import Fact
 
 SCORINGS = ("probability", "token", "generated")
+METRICS_THAT_NEED_DATA = ("generalization", "locality")
+ABSENT_COLUMNS = {  # scoring -> metric without data -> the columns it takes away
+    "probability": {"generalization": ("PS", "PM", "score"), "locality": ("NS", "NM", "score")},
+    "token": {"generalization": ("Gen",), "locality": ("Loc",)},
+    "generated": {"generalization": ("gen-Gen",), "locality": ("gen-Loc",)},
+}
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,14 @@ def _probability() -> Scoring:
                    merge=lambda parts: summarize_counterfact([case for part in parts for case in part]).as_dict())
 
 
-def _token() -> Scoring:
+def _token(required: Sequence[str] = METRICS_THAT_NEED_DATA) -> Scoring:
     from editing.evaluate import evaluate_accuracy, locality_predictions, merge_accuracy
 
+    def read(model, facts, baseline, edited):
+        return evaluate_accuracy(model, facts, baseline, edited, required=required)
+
     return Scoring("token", {"Rel": "reliability", "Gen": "generalization", "Loc": "locality"},
-                   ("Rel", "Gen", "Loc"), record=locality_predictions, read=evaluate_accuracy,
+                   ("Rel", "Gen", "Loc"), record=locality_predictions, read=read,
                    merge=lambda parts: merge_accuracy(parts).as_dict())
 
 
@@ -57,9 +70,36 @@ def _generated() -> Scoring:
                    merge=lambda parts: GeneratedHits.merge(parts).summary().as_dict())
 
 
-def scoring(name: str) -> Scoring:
-    """The scoring called ``name`` (one of :data:`SCORINGS`)."""
+def absent_metrics(facts: Sequence[Fact]) -> frozenset[str]:
+    """The metrics none of ``facts`` has prompts for: ``generalization`` (no paraphrase), ``locality`` (no
+    locality or neighbourhood prompt)."""
+    from editing.evaluate import fact_locality_pairs
+
+    absent = set()
+    if not any(fact.paraphrases for fact in facts):
+        absent.add("generalization")
+    if not any(fact_locality_pairs(fact) for fact in facts):
+        absent.add("locality")
+    return frozenset(absent)
+
+
+def scoring(name: str, absent: Collection[str] = ()) -> Scoring:
+    """The scoring called ``name`` (one of :data:`SCORINGS`), without the columns of the ``absent`` metrics
+    (:func:`absent_metrics`; their keys are left out of the summary too)."""
     makers = {"probability": _probability, "token": _token, "generated": _generated}
     if name not in makers:
         raise ValueError(f"unknown scoring {name!r}; expected one of {', '.join(SCORINGS)}")
-    return makers[name]()
+    unknown = set(absent) - set(METRICS_THAT_NEED_DATA)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; expected some of {', '.join(METRICS_THAT_NEED_DATA)}")
+    if not absent:
+        return makers[name]()
+    made = _token([m for m in METRICS_THAT_NEED_DATA if m not in absent]) if name == "token" else makers[name]()
+    dropped = {column for metric in absent for column in ABSENT_COLUMNS[name][metric]}
+    keys = {made.columns[column] for column in dropped}
+
+    def merge(parts):
+        return {key: value for key, value in made.merge(parts).items() if key not in keys}
+
+    return replace(made, columns={c: k for c, k in made.columns.items() if c not in dropped},
+                   plotted=tuple(c for c in made.plotted if c not in dropped), merge=merge)

@@ -115,6 +115,11 @@ def mquake_cases(name_or_path: str | Path, limit: int | None = None,
     return _converted(label, records[:limit], _mquake_case, skip_invalid)
 
 
+def dataset_shape(name_or_path: str | Path) -> str:
+    """The record shape of a registered dataset or local file (see :func:`detect_shape`); reads the file."""
+    return _records(name_or_path)[2]
+
+
 def _records(name_or_path: str | Path) -> tuple[str, list[dict[str, Any]], str]:
     """(label for messages, the records, their shape)."""
     source = dataset_source(str(name_or_path)) if isinstance(name_or_path, str) else None
