@@ -7,6 +7,10 @@ context template, the teacher-forced target tokens get high probability (mean pe
 "{subject} is a", plus ``weight_decay`` x ||δ|| / ||z0||²; after each step δ is clamped to
 ``clamp_norm_factor`` x ||z0||. A request stops once its loss is below the threshold.
 
+``keep_templates`` (optional, per request: its subject asked about in other relations) add ``keep_factor`` x
+the mean KL(current || initial) of the next-token distribution at the *last* token of each: the answers
+the subject's other facts get must not move with δ (an edit of one relation, not of the whole subject).
+
 How it is made fast: δ enters at the subject's last token after block ``layer``, so everything before
 that token and below that layer is fixed. Those keys/values are computed once; each step runs only the
 remaining blocks on the tokens from the subject's last token on. Rows are grouped by that suffix length
@@ -43,6 +47,7 @@ class TargetConfig:
     kl_factor: float = 0.0625
     loss_threshold: float = 5e-2
     batch_requests: int = 32
+    keep_factor: float = 1.0  # weight of the mean KL on the keep prompts (when any are given)
 
 
 @dataclass
@@ -52,13 +57,15 @@ class _Row:
     request: int
     targets: list[tuple[int, int, float]] = field(default_factory=list)  # (suffix position, token, weight)
     kl: bool = False
+    keep: int | None = None  # index among the keep rows: the distribution after the last token is held
 
     @property
     def suffix_length(self) -> int:
         return len(self.ids) - self.lookup
 
 
-def _rows_for(model, requests: Sequence[Fact], templates: list[list[str]]) -> tuple[list[_Row], list[int]]:
+def _rows_for(model, requests: Sequence[Fact], templates: list[list[str]],
+              keep_templates: Sequence[Sequence[str]] | None = None) -> tuple[list[_Row], list[int]]:
     """All rows of a batch of requests, and each request's bare-prompt row."""
     contexts = [context for group in templates for context in group]
     rows: list[_Row] = []
@@ -76,6 +83,12 @@ def _rows_for(model, requests: Sequence[Fact], templates: list[list[str]]) -> tu
         kl = subject_row(model, KL_TEMPLATE, fact.subject)
         # only the subject's last token of "{} is a" matters: its next-token distribution is compared
         rows.append(_Row(kl.ids[: kl.lookup + 1], kl.lookup, r, kl=True))
+    n_keep = 0
+    for r, (fact, group) in enumerate(zip(requests, keep_templates or [])):
+        for template in group:
+            row = subject_row(model, template, fact.subject)
+            rows.append(_Row(row.ids, row.lookup, r, keep=n_keep))
+            n_keep += 1
     return rows, bare
 
 
@@ -123,10 +136,14 @@ class _Group:
             self._target_weights = torch.tensor([s[3] for s in spec], device=self.device)
             self._target_requests = torch.tensor([s[4] for s in spec], dtype=torch.long, device=self.device)
             self._kl_rows = torch.tensor([i for i, r in enumerate(kept) if r.kl], dtype=torch.long, device=self.device)
+            keep = [(i, r.keep) for i, r in enumerate(kept) if r.keep is not None]
+            self._keep_rows = torch.tensor([i for i, _ in keep], dtype=torch.long, device=self.device)
+            self._keep_index = torch.tensor([k for _, k in keep], dtype=torch.long, device=self.device)
         return True
 
     def forward(self, model, delta: torch.Tensor, n_requests: int):
-        """Per-request (summed weighted NLL, KL-row log-probs or None) for the active rows with shift δ."""
+        """Per-request summed weighted NLL, the KL rows' (requests, log-probs) or None, and the keep rows'
+        (keep indices, requests, log-probs after their last token) or None, for the active rows with δ."""
         base = self._calls.kept[self.hook]
         shifted = base[:, :1] + delta[self._request][:, None].to(base.device, base.dtype)
         hidden = torch.cat([shifted, base[:, 1:]], dim=1)
@@ -144,21 +161,34 @@ class _Group:
         if len(self._kl_rows):
             kl_logits = logits_of(model, hidden[self._kl_rows, 0])
             kl = (self._request[self._kl_rows], torch.log_softmax(kl_logits.float(), -1))
-        return nll, kl
+        keep = None
+        if len(self._keep_rows):
+            keep_logits = logits_of(model, hidden[self._keep_rows, -1])
+            keep = (self._keep_index, self._request[self._keep_rows], torch.log_softmax(keep_logits.float(), -1))
+        return nll, kl, keep
 
 
 def compute_targets(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
-                    config: TargetConfig = TargetConfig(), show_progress: bool = True) -> torch.Tensor:
+                    config: TargetConfig = TargetConfig(), show_progress: bool = True,
+                    keep_templates: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
     """(n, d_model) target vectors z = z0 + δ for the residual stream after ``layer``. The progress bar
     counts optimisation steps (a batch that stops early skips its remaining ones), so it has an ETA even
-    for a single batch."""
+    for a single batch. ``keep_templates``: per request, templates (``{}``: its subject) whose next-token
+    distributions δ must leave alone (module docstring)."""
+    if keep_templates is not None and len(keep_templates) != len(requests):
+        raise ValueError(f"keep_templates has {len(keep_templates)} entries for {len(requests)} requests")
+    for fact, group in zip(requests, keep_templates or []):
+        for template in group:
+            if template.count("{}") != 1:
+                raise ValueError(f"keep template {template!r} for {fact.subject!r} needs exactly one '{{}}' slot")
     targets = []
     starts = range(0, len(requests), config.batch_requests)
     with tqdm(total=len(starts) * config.steps, desc="target vectors", unit="step", disable=not show_progress,
               leave=False) as bar:
         for start in starts:
             batch = requests[start: start + config.batch_requests]
-            targets.append(_optimise(model, batch, layer, templates, config, bar.update))
+            keep = None if keep_templates is None else keep_templates[start: start + config.batch_requests]
+            targets.append(_optimise(model, batch, layer, templates, config, bar.update, keep))
             bar.update((len(targets) * config.steps) - bar.n)  # the steps an early stop skipped
     return torch.cat(targets)
 
@@ -177,14 +207,20 @@ def frozen_weights(model):
 
 
 def _optimise(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
-              config: TargetConfig, step_done: Callable[[int], object] = lambda n: None) -> torch.Tensor:
+              config: TargetConfig, step_done: Callable[[int], object] = lambda n: None,
+              keep_templates: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
     with frozen_weights(model):
-        return _optimise_frozen(model, requests, layer, templates, config, step_done)
+        return _optimise_frozen(model, requests, layer, templates, config, step_done, keep_templates)
 
 
 def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: list[list[str]],
-                     config: TargetConfig, step_done: Callable[[int], object]) -> torch.Tensor:
-    rows, bare = _rows_for(model, requests, templates)
+                     config: TargetConfig, step_done: Callable[[int], object],
+                     keep_templates: Sequence[Sequence[str]] | None) -> torch.Tensor:
+    rows, bare = _rows_for(model, requests, templates, keep_templates)
+    keeps_per_request = torch.zeros(len(requests))
+    for row in rows:
+        if row.keep is not None:
+            keeps_per_request[row.request] += 1
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_length.setdefault(row.suffix_length, []).append(i)
@@ -201,18 +237,29 @@ def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: lis
     delta = torch.zeros_like(target_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     kl_init: torch.Tensor | None = None
+    keep_init: torch.Tensor | None = None  # (keep rows, vocabulary): their log-probs with δ = 0
+    keep_weight = (config.keep_factor / keeps_per_request.clamp(min=1)).to(device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(config.steps):
         if step:
             step_done(1)
         optimizer.zero_grad()
         nll = torch.zeros(n, device=device)
+        keep_kl = torch.zeros(n, device=device)
         kl_log_probs = None
         for group in groups:
             if not group.select(~done):
                 continue
-            group_nll, kl = group.forward(model, delta, n)
+            group_nll, kl, keep = group.forward(model, delta, n)
             nll = nll + group_nll
+            if keep is not None:
+                index, owners, log_probs = keep
+                if step == 0:
+                    if keep_init is None:
+                        keep_init = torch.zeros(int(keeps_per_request.sum()), log_probs.shape[-1], device=device)
+                    keep_init[index] = log_probs.detach()
+                row_kl = (log_probs.exp() * (log_probs - keep_init[index])).sum(-1)
+                keep_kl = keep_kl.index_add(0, owners, row_kl)
             if kl is not None:
                 if kl_log_probs is None:
                     kl_log_probs = torch.zeros(n, kl[1].shape[-1], device=device)
@@ -221,7 +268,8 @@ def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: lis
             kl_init = kl_log_probs.detach()
         kl_div = (kl_log_probs.exp() * (kl_log_probs - kl_init)).sum(-1)  # KL(current || initial)
         decay = config.weight_decay * delta.norm(dim=1) / target_init.norm(dim=1) ** 2
-        loss = torch.where(done, torch.zeros_like(nll), nll + config.kl_factor * kl_div + decay)
+        loss = torch.where(done, torch.zeros_like(nll), nll + config.kl_factor * kl_div + decay
+                           + keep_weight * keep_kl)
         done = done | (loss.detach() < config.loss_threshold)
         if bool(done.all()) or step == config.steps - 1:
             break
