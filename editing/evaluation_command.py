@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from editing.editor import create_editor
     from editing.evaluate import NoDataError, generation_entropy
     from editing.portability import knowedit_cases, multi_hop_cases, with_portability
-    from editing.protocol import edit_and_score, score_now
+    from editing.protocol import edit_and_score, record_unedited, score_now
     from editing.requests import EditRequestError, validate_requests
     from editing.scoring import absent_metrics, scoring
     from tracing.io import write_json_atomic, write_text_atomic
@@ -176,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     owner = {id(fact): i for i, case in enumerate(cases) for fact in case.edits} if multi_hop is not None else {}
     unit = (lambda fact: owner[id(fact)]) if owner else None  # no call splits an MQuAKE case
     with cli.user_errors(NoDataError):
-        unedited = score_now(model, facts, scorings)
+        recorded = record_unedited(model, facts, scorings)  # once: the unedited row and after_all read it
+        unedited = score_now(model, facts, scorings, recorded)
     with cli.user_errors(ValueError):  # e.g. layers out of range for this model: before anything changes
         editor = create_editor(args.method, model, config)
     try:
         with cli.user_errors(NoDataError, ModelUnavailableError):
-            result = edit_and_score(model, editor, facts, args.batch, args.protocol, scorings, unit)
+            result = edit_and_score(model, editor, facts, args.batch, args.protocol, scorings, unit,
+                                    recorded=recorded)
         if args.generation_cases:
             result.scores["probability"]["GE"] = generation_entropy(model, facts[: args.generation_cases])
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from editing.scoring import Scoring
 from tracing.facts import Fact
@@ -39,9 +39,18 @@ def batches(facts: Sequence, size: int, unit: Callable[[Fact], Hashable] | None 
     return [[fact for group in units[i: i + size] for fact in group] for i in range(0, len(units), size)]
 
 
-def score_now(model, facts: Sequence[Fact], scorings: Sequence[Scoring]) -> dict[str, dict]:
-    """Every scoring of ``facts`` on the model as it is (the unedited row of a table: locality 1.0)."""
-    return {s.name: s.merge([s.read(model, facts, s.record(model, facts, facts), facts)]) for s in scorings}
+def record_unedited(model, facts: Sequence[Fact], scorings: Sequence[Scoring]) -> dict[str, Any]:
+    """What each scoring compares with the unedited model, recorded on the model as it is, for ``facts``
+    read as one group (the ``after_all`` reading, and the unedited row)."""
+    return {s.name: s.record(model, facts, facts) for s in scorings}
+
+
+def score_now(model, facts: Sequence[Fact], scorings: Sequence[Scoring],
+              recorded: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Every scoring of ``facts`` on the model as it is (the unedited row of a table: locality 1.0).
+    ``recorded``: :func:`record_unedited` of the same facts, if the caller already has it."""
+    recorded = record_unedited(model, facts, scorings) if recorded is None else recorded
+    return {s.name: s.merge([s.read(model, facts, recorded[s.name], facts)]) for s in scorings}
 
 
 @dataclass(frozen=True)
@@ -52,15 +61,21 @@ class RunResult:
 
 
 def edit_and_score(model, editor, facts: Sequence[Fact], batch: int, protocol: str,
-                   scorings: Sequence[Scoring], unit: Callable[[Fact], Hashable] | None = None) -> RunResult:
+                   scorings: Sequence[Scoring], unit: Callable[[Fact], Hashable] | None = None,
+                   recorded: dict[str, Any] | None = None) -> RunResult:
     """Edit ``facts`` with ``editor`` in calls of ``batch`` (units, with ``unit``: see :func:`batches`) and
-    score them under ``protocol`` (the edits stay; the caller undoes them)."""
+    score them under ``protocol`` (the edits stay; the caller undoes them). ``recorded``: the unedited
+    model's :func:`record_unedited` of ``facts``, reused under ``after_all`` instead of recording it again
+    (it must have been taken before any edit of this run)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     facts = list(facts)
     calls = batches(facts, batch, unit)
     groups = calls if protocol == "after_each" else [facts]
-    baselines = [{s.name: s.record(model, group, facts) for s in scorings} for group in groups]
+    if protocol == "after_all" and recorded is not None:
+        baselines = [recorded]
+    else:
+        baselines = [{s.name: s.record(model, group, facts) for s in scorings} for group in groups]
     reads: dict[str, list] = {s.name: [] for s in scorings}
     seconds = 0.0
     for call in calls:

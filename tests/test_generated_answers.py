@@ -145,6 +145,38 @@ def test_protocols_edit_then_score_and_one_call_after_each_is_after_all(tiny_lla
         assert result.scores["probability"]["ES"] == 1.0 and result.seconds_editing > 0
 
 
+def test_after_all_reads_the_unedited_record_it_is_given_and_records_nothing_again(tiny_llama, facts):
+    import dataclasses
+
+    from editing.editor import create_editor
+    from editing.grace import GraceConfig
+    from editing.protocol import edit_and_score, record_unedited, score_now
+    from editing.scoring import scoring
+
+    calls = []
+    plain = scoring("token")
+
+    def counted(model, group, edited):
+        calls.append(len(group))
+        return plain.record(model, group, edited)
+
+    scorings = [dataclasses.replace(plain, record=counted)]
+    recorded = record_unedited(tiny_llama, facts, scorings)
+    unedited = score_now(tiny_llama, facts, scorings, recorded)
+    assert calls == [len(facts)] and unedited["token"]["locality"] == 1.0
+    results = {}
+    for given in (recorded, None):
+        editor = create_editor("grace", tiny_llama, GraceConfig(n_iter=30, edit_lr=0.5))
+        try:
+            results[given is None] = edit_and_score(tiny_llama, editor, facts, 2, "after_all", scorings,
+                                                    recorded=given).scores
+        finally:
+            editor.undo()
+    assert calls == [len(facts), len(facts)]  # only the run without ``recorded`` recorded again
+    assert results[True] == results[False]
+    assert results[False]["token"]["reliability"] > unedited["token"]["reliability"]
+
+
 @pytest.mark.embedded
 def test_the_embedded_model_says_the_facts_it_knows_and_the_hits_are_recomputed_by_hand(embedded):
     """Known facts (chosen because SmolLM2 ranks their answer first): generated from the prompt alone, most
