@@ -180,11 +180,12 @@ def unedited_row(model, facts: list) -> dict:
     """The unedited model's row for ``facts`` (the floor every method's Rel. / Gen. is read against: later
     tokens of a multi-token target follow from the first, so it is above 0). Loc. and Unrel. are agreement
     with itself, 1 by definition."""
-    from editing.evaluate import evaluate_accuracy, locality_predictions
+    from editing.protocol import score_now
+    from editing.scoring import scoring
 
-    summary = evaluate_accuracy(model, facts, locality_predictions(model, facts))
-    return {"reliability": summary.reliability, "generalization": summary.generalization,
-            "locality": summary.locality, "unrelated": 1.0, "s_per_edit": None, "T": len(facts)}
+    summary = score_now(model, facts, [scoring("token")])["token"]  # python -m editing.evaluate's unedited row
+    return {"reliability": summary["reliability"], "generalization": summary["generalization"],
+            "locality": summary["locality"], "unrelated": 1.0, "s_per_edit": None, "T": len(facts)}
 
 
 def _unedited(model, facts: list, unrelated: tuple[list, list]) -> dict:
