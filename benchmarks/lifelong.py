@@ -21,7 +21,10 @@ prompts from the locality prompts by the router's evidence and by the activation
 on the way (the first T facts, as a separate run of T would edit them, in the same calls): one stream
 instead of three, and rows that are kept as they come.
 
-    python benchmarks/lifelong.py --methods wise,memit,grace --edits 1,10,100 [--batch 10]
+``--facts zsre`` (or ``counterfact``, or a local zsRE / CounterFact JSON) streams a dataset's facts instead
+of the bundled ones, the held-out facts taken from the same dataset; rows name it in ``facts``.
+
+    python benchmarks/lifelong.py --methods wise,memit,grace --edits 1,10,100 [--batch 10] [--facts zsre]
                                   [--protocols after_all,after_each] [--set NAME.FIELD=VALUE] [--threads 2]
 
 One JSON object per row is appended to ``benchmarks/results/lifelong.jsonl`` (``--out``) as soon as it is
@@ -50,12 +53,23 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
 PROTOCOLS = ("after_all", "after_each")
 
 
-def split_facts(seed: int, held_out: int) -> tuple[list, list]:
-    """The known facts in a fixed shuffle: the pool every run takes its first T from, and the last
-    ``held_out`` that no run edits."""
-    from tracing.facts import known_facts
+BUNDLED = "bundled"
 
-    pool = known_facts()
+
+def split_facts(seed: int, held_out: int, source: str = BUNDLED) -> tuple[list, list]:
+    """The facts in a fixed shuffle: the pool every run takes its first T from, and the last ``held_out``
+    that no run edits. ``source``: the bundled known facts (CounterFact-shaped), or a dataset name or file
+    (``zsre``, ``counterfact``, a local JSON: :func:`tracing.datasets.load_dataset`), whose facts with a new
+    target are kept, one per subject (a stream refuses two targets for one subject and relation)."""
+    if source == BUNDLED:
+        from tracing.facts import known_facts
+
+        pool = known_facts()
+    else:
+        from tracing import cli
+        from tracing.facts import one_per_subject
+
+        pool = one_per_subject([fact for fact in cli.facts_from(source) if fact.target_new is not None])
     random.Random(seed).shuffle(pool)
     return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
 
@@ -227,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", default="after_all", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                         help="override a config field, e.g. --set wise.n_iter=30 (repeatable)")
+    parser.add_argument("--facts", default=BUNDLED,
+                        help="'bundled' (the known facts, CounterFact-shaped; default) or a dataset name or file "
+                             "(zsre, counterfact, a local zsRE/CounterFact JSON), held-out facts taken from it too")
     parser.add_argument("--held-out", type=int, default=200, help="facts no run edits (the unrelated column)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="which facts (the shuffle of known_facts)")
@@ -265,17 +282,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    pool, held_out = split_facts(args.seed, args.held_out)
+    pool, held_out = split_facts(args.seed, args.held_out, args.facts)  # a bad --facts fails before the model
     if max(edits) > len(pool):
-        print(f"error: only {len(pool)} known facts outside the held-out ones; T={max(edits)} is too many",
+        print(f"error: only {len(pool)} facts of {args.facts} outside the held-out ones; T={max(edits)} is too many",
               file=sys.stderr)
         return 2
+    model = load_model(args.model)
+    facts_label = "counterfact-bundled" if args.facts == BUNDLED else Path(args.facts).stem
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     def write(row: dict, name: str, protocol: str) -> None:
         record = {"method": name, "T": row.pop("T"), "batch": args.batch, "protocol": protocol,
-                  "facts": "counterfact-bundled", **row,
+                  "facts": facts_label, **row,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
                   "model": args.model, "seed": args.seed, "one_stream": args.one_stream,

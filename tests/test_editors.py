@@ -313,3 +313,27 @@ def test_the_lifelong_benchmark_parses_set_like_the_evaluate_command(tmp_path, c
                      "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert not out.exists()  # refused before anything ran
+
+
+def test_the_lifelong_benchmark_streams_a_zsre_file_and_labels_its_rows(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lifelong import main
+
+    records = [{"subject": name, "src": f"What is the home town of {name}?", "alt": town, "answers": ["Paris"],
+                "rephrase": f"Where does {name} come from?", "loc": "nq question: who wrote hamlet",
+                "loc_ans": "Shakespeare"}
+               for name, town in (("Alice Smith", "Oslo"), ("Bob Jones", "Lima"), ("Carol White", "Kyiv"))]
+    data, out = tmp_path / "tiny_zsre.json", tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(records))
+    assert main(["--model", "tiny-llama", "--methods", "grace", "--edits", "2", "--batch", "2", "--held-out", "1",
+                 "--facts", str(data), "--unedited", "--out", str(out)]) == 0
+    unedited, grace = [json.loads(line) for line in out.read_text().splitlines()]
+    assert unedited["facts"] == grace["facts"] == "tiny_zsre"
+    assert grace["reliability"] > unedited["reliability"] and grace["T"] == 2
+    with pytest.raises(SystemExit):  # an unreadable --facts fails before any model is loaded
+        main(["--model", "tiny-llama", "--methods", "grace", "--edits", "2", "--facts", str(tmp_path / "none.json"),
+              "--out", str(out)])
