@@ -276,6 +276,43 @@ def measure_key_stats(model, layers: Sequence[int], corpus: CorpusConfig = Corpu
     return {layer: sums[layer] / tokens for layer in layers}
 
 
+@dataclass(frozen=True)
+class PrefixStats:
+    """C0 by layer over the first ``texts`` texts of a corpus (``tokens`` tokens)."""
+
+    texts: int
+    tokens: int
+    c0: dict[int, torch.Tensor]
+
+
+def prefix_key_stats(model, layers: Iterable[int], texts: Sequence[str], counts: Iterable[int],
+                     corpus: CorpusConfig = CorpusConfig(), show_progress: bool = True) -> Iterator[PrefixStats]:
+    """C0 over the first S of ``texts`` for each S in ``counts``, in one pass: the sums of one prefix are
+    carried into the next, so all counts together cost what the largest costs alone. Lazy (the caller can
+    time each prefix and use it before the next is summed), one process, not cached; ``corpus`` gives the
+    text length and batch size. Equal to :func:`measure_key_stats` over the same texts up to float32
+    rounding (batches break at every count)."""
+    layers, counts = sorted(set(layers)), sorted(set(counts))
+    if corpus.token_budget is not None:
+        raise ValueError("prefix_key_stats counts texts, not tokens: give a corpus without token_budget")
+    if world().size > 1:
+        raise ValueError("prefix_key_stats runs in one process (measure_key_stats shards over ranks)")
+    if not counts or counts[0] < 1 or counts[-1] > len(texts):
+        raise ValueError(f"counts {counts} must lie in 1..{len(texts)} (the texts given)")
+    d_mlp = ModelAdapter.of(model).d_mlp
+    progress = Progress({layer: torch.zeros(d_mlp, d_mlp) for layer in layers})
+    done = 0
+    with tqdm(total=counts[-1], unit="text", desc="key statistics", disable=not show_progress, leave=False) as bar:
+        for count in counts:
+            progress.next_batch = 0  # the batch index restarts with each slice of texts
+            batches = token_batches(model, texts[done:count], corpus)
+            progress = _accumulate(model, layers, batches, corpus, progress, None, bar)
+            done = count
+            if progress.tokens == 0:
+                raise ValueError(f"the first {count} texts hold no tokens")
+            yield PrefixStats(count, progress.tokens, {layer: s / progress.tokens for layer, s in progress.sums.items()})
+
+
 def token_batches(model, texts: Iterable[str], corpus: CorpusConfig) -> Iterator[list[list[int]]]:
     """Token ids of ``texts`` in batches of ``corpus.batch_size``: each text cut to ``max_tokens``, texts
     without tokens left out, and the stream stopped (its last text cut) at ``token_budget`` tokens."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 if __name__ == "__main__":  # answer --help and refuse bad arguments before the slow imports below (torch)
     from editing.cli import memit_parser
@@ -153,24 +153,49 @@ def memit_update(keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor, 
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def memit_targets(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig()) -> torch.Tensor:
+    """MEMIT's target vectors z (n, d_model) for ``requests`` under ``config``, as :func:`apply_memit`
+    computes them. They do not depend on C0 and are most of an edit's time, so a sweep over C0 computes
+    them once and passes them to ``apply_memit(..., targets=...)``."""
+    requests = validate_requests(model, requests)
+    return compute_targets(model, requests, config.resolved_layers(model)[-1], context_templates(model, config),
+                           config.targets, config.show_progress)
+
+
 def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConfig(), *,
-                solver: LayerSolver | None = None, method: str = "memit") -> WeightEdit:
+                solver: LayerSolver | None = None, method: str = "memit", targets: torch.Tensor | None = None,
+                c0: Mapping[int, torch.Tensor] | None = None) -> WeightEdit:
     """Edit ``model`` in place so each request's prompt continues with its ``target_new``.
 
     Returns the applied :class:`~editing.weights.WeightEdit`; ``edit.undo(model)`` restores the weights
     bit for bit. Invalid requests raise before any weight changes. ``solver`` replaces MEMIT's closed form
     per layer (AlphaEdit's null-space projected update uses the same targets, keys and residuals).
+    ``targets`` (from :func:`memit_targets` for the same requests and config) and ``c0`` (C0 by edited
+    layer, used instead of ``config.key_stats`` and ``config.corpus``) skip computing them, for sweeps
+    that vary one part of the edit (``benchmarks/c0_samples.py``).
     """
     requests = validate_requests(model, requests)
     layer_set = config.resolved_layer_set(model)
     layers = layer_set.layers
     mom2_weight = config.resolved_mom2_weight(model)
     adapter = ModelAdapter.of(model)
-    mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress,
-                              files=config.key_stats)
+    if c0 is None:
+        mom2 = key_second_moments(model, layers, config.corpus, show_progress=config.show_progress,
+                                  files=config.key_stats)
+    else:
+        mom2 = dict(c0)
+        missing = [layer for layer in layers if layer not in mom2]
+        if missing:
+            raise ValueError(f"c0 lacks the edited layers {missing}")
     templates = context_templates(model, config)
     z_layer = layers[-1]
-    zs = compute_targets(model, requests, z_layer, templates, config.targets, config.show_progress)
+    if targets is None:
+        zs = compute_targets(model, requests, z_layer, templates, config.targets, config.show_progress)
+    elif tuple(targets.shape) != (len(requests), adapter.d_model):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} for {len(requests)} requests "
+                         f"(expected ({len(requests)}, {adapter.d_model}))")
+    else:
+        zs = targets
 
     originals = {layer: adapter.down_projection(model, layer).detach().clone() for layer in layers}
     deltas: dict[int, torch.Tensor] = {}
@@ -193,7 +218,10 @@ def apply_memit(model, requests: Sequence[Fact], config: MemitConfig = MemitConf
             for layer, original in originals.items():
                 adapter.down_projection(model, layer).copy_(original)
     # the weights are the originals again: the edit is fingerprinted against them and applied as a whole
-    edit = edit_for(model, method, deltas, list(requests), _config_record(config, layer_set, mom2_weight))
+    record = _config_record(config, layer_set, mom2_weight)
+    if c0 is not None:
+        record["corpus"], record["key_stats"] = "given", []  # C0 came from the caller, not from the config
+    edit = edit_for(model, method, deltas, list(requests), record)
     return edit.apply(model)
 
 
