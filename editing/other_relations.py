@@ -18,8 +18,8 @@ from tracing.facts import SLOT, Fact, evaluated_prompts
 
 
 def other_relation_templates(facts: Sequence[Fact], earlier: Sequence[Fact], count: int, seed: int = 0,
-                           templates: Mapping[str, Sequence[str]] | None = None,
-                           subjects: Mapping[str, Sequence[str]] | None = None) -> list[list[str]]:
+                             templates: Mapping[str, Sequence[str]] | None = None,
+                             subjects: Mapping[str, Sequence[str]] | None = None) -> list[list[str]]:
     """Per fact, up to ``count`` templates (``{}`` for its subject) of relations not edited for that subject (in
     ``earlier`` or ``facts``), drawn reproducibly from ``seed`` and the subject. Relations that ask about
     the same kind of subject come first: those sharing a subject with the fact's relation in the inventory
@@ -40,7 +40,8 @@ def other_relation_templates(facts: Sequence[Fact], earlier: Sequence[Fact], cou
     for fact in facts:
         own = relations.relation_of(fact)
         kin = set(subjects.get(own, ()))
-        others = [r for r in templates if r != own and (fact.subject, r) not in edited and fact.template not in templates[r]]
+        others = [r for r in templates
+                  if r != own and (fact.subject, r) not in edited and fact.template not in templates[r]]
         rng = random.Random(seed * 1_000_003 + zlib.crc32(fact.subject.encode()))
         chosen: list[str] = []
         for tier in ([r for r in others if kin & set(subjects.get(r, ()))], others):

@@ -71,11 +71,10 @@ def edit_and_score(model, editor, facts: Sequence[Fact], batch: int, protocol: s
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     facts = list(facts)
     calls = batches(facts, batch, unit)
-    groups = calls if protocol == "after_each" else [facts]
-    if protocol == "after_all" and recorded is not None:
-        baselines = [recorded]
+    if protocol == "after_all":
+        baselines = [record_unedited(model, facts, scorings) if recorded is None else recorded]
     else:
-        baselines = [{s.name: s.record(model, group, facts) for s in scorings} for group in groups]
+        baselines = [{s.name: s.record(model, call, facts) for s in scorings} for call in calls]
     reads: dict[str, list] = {s.name: [] for s in scorings}
     seconds = 0.0
     for call in calls:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from editing.prompts import in_context, subject_row
 from tracing.adapter import ModelAdapter
 from tracing.blocks import BlockCalls, call_block, capture_block_calls, filled_cache, logits_of
-from tracing.facts import Fact
+from tracing.facts import SLOT, Fact
 from tracing.placement import input_device
 from tracing.tokens import target_token_ids
 
@@ -179,7 +179,7 @@ def compute_targets(model, requests: Sequence[Fact], layer: int, templates: list
         raise ValueError(f"keep_templates has {len(keep_templates)} entries for {len(requests)} requests")
     for fact, group in zip(requests, keep_templates or []):
         for template in group:
-            if template.count("{}") != 1:
+            if template.count(SLOT) != 1:
                 raise ValueError(f"keep template {template!r} for {fact.subject!r} needs exactly one '{{}}' slot")
     targets = []
     starts = range(0, len(requests), config.batch_requests)
@@ -217,10 +217,7 @@ def _optimise_frozen(model, requests: Sequence[Fact], layer: int, templates: lis
                      config: TargetConfig, step_done: Callable[[int], object],
                      keep_templates: Sequence[Sequence[str]] | None) -> torch.Tensor:
     rows, bare = _rows_for(model, requests, templates, keep_templates)
-    keeps_per_request = torch.zeros(len(requests))
-    for row in rows:
-        if row.keep is not None:
-            keeps_per_request[row.request] += 1
+    keeps_per_request = torch.tensor([float(len(group)) for group in keep_templates or [[]] * len(requests)])
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_length.setdefault(row.suffix_length, []).append(i)
