@@ -16,7 +16,10 @@ the nearest stored key,
 
 Differences from EasyEdit: a new value starts from the layer's current output at the key (EasyEdit draws
 it from U[0, 1)); the replacement is checked at every position rather than at one token, so batches,
-padding and cached generation need no bookkeeping; training reruns only the blocks after the layer.
+padding and cached generation need no bookkeeping; training reruns only the blocks after the layer; and a
+value stops training once its loss is below ``stop_loss`` (0.02, WISE's stop), where GRACE runs all
+``n_iter`` steps: on SmolLM2 an edit stops after about five of the 50 steps with its target learned,
+ten times faster at the same scores (docs/grace.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from tracing.tokens import encode, target_token_ids
 
 @dataclass(frozen=True)
 class GraceConfig:
-    """EasyEdit's LLaMA-2-7B values (layer 27 of 32, which :func:`editing.wise.default_layer` reproduces).
+    """EasyEdit's LLaMA-2-7B values (layer 27 of 32, which :func:`editing.wise.default_layer` reproduces),
+    and an early stop (``stop_loss=0`` runs every step, as EasyEdit does).
 
     ``eps_init`` is a distance between d_mlp keys, so it depends on the model: on SmolLM2's layer 25 the
     last-token keys of different fact prompts are 17-33 apart (min, median over 12 facts) and a fact's key
@@ -57,6 +61,7 @@ class GraceConfig:
     eps_init: float = 1.0
     n_iter: int = 50
     edit_lr: float = 1.0  # Adam
+    stop_loss: float = 0.02  # a value stops training once its loss is below this (0: all n_iter, as GRACE)
 
 
 @dataclass
@@ -230,6 +235,8 @@ class GraceEditor(HookedEditor):
             final = replay_later_blocks(self.model, self.layer, recorded.calls, hidden)
             logits = logits_of(self.model, final[0, positions].to(tokens.device))
             loss = torch.nn.functional.cross_entropy(logits.float(), tokens)
+            if loss.item() < self.config.stop_loss:
+                break  # the value already gives the target: it is the one before this step
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -417,6 +417,29 @@ def test_grace_edits_only_the_stored_key(tiny_llama):
     assert torch.equal(logits(tiny_llama, [EIFFEL.prompt, *UNRELATED]), clean)
 
 
+def test_grace_stops_training_a_value_once_its_loss_is_below_stop_loss(tiny_llama):
+    """A stop above the unedited loss takes no step (the value is the layer's own output); 0 trains all
+    n_iter steps; a stop between the two ends training as soon as the loss is below it."""
+    from editing.grace import GraceConfig, GraceEditor
+
+    def edit(stop: float) -> float:
+        editor = GraceEditor(GraceConfig(n_iter=30, edit_lr=0.5, stop_loss=stop)).attach(tiny_llama)
+        try:
+            loss = editor.edit(EIFFEL).loss
+            if stop == 0.0:
+                assert read_continuations(tiny_llama, [(EIFFEL.prompt, EIFFEL.target_new)])[0].accuracy == 1.0
+            if stop > 1e6:
+                assert torch.equal(logits(tiny_llama, [EIFFEL.prompt]), clean)
+            return loss
+        finally:
+            editor.detach()
+
+    clean = logits(tiny_llama, [EIFFEL.prompt])
+    unedited, trained = edit(1e9), edit(0.0)
+    stop = (unedited + trained) / 2
+    assert trained < edit(stop) < stop < unedited
+
+
 def test_grace_codebook_adds_expands_and_splits_radii(tiny_llama):
     from editing.grace import GraceConfig, GraceEditor
 
