@@ -22,9 +22,14 @@ from conftest import weights_digest
 # the subject-prefix rows would only fight the edit: off here, tested on their own below. These tests are
 # about the score router (margins, floors, thresholds), so every prompt may reach every memory
 # (``route_match="any"``); the subject gate in front of it, the default, is tested in test_wise_subject_gate.
+# The score router as it was tuned before the gate (and WISE's defaults then): running-max score, margins
+# over all rows, fact-shaped negatives, a calibrated floor, common directions, replay.
+SCORE_ROUTER = dict(score="max", score_positions="prompt", choose="ratio", margin_mean="all", weight_decay=0.0,
+                    replay=16, negatives=256, negatives_per_edit=64, calibration=256, common_directions=32,
+                    bare_contexts=True, context_prefixes=("The", "Therefore", "Because", "I", "You"))
 TINY = WiseConfig(n_iter=60, edit_lr=0.3, mask_ratio=1.0, norm_constraint=10.0, alpha=10.0, beta=40.0, gamma=20.0,
                   loc_prefixes=("In", "We", "It", "My", "This", "When", "There", "She"), corrupted_samples=4,
-                  subject_negatives=0, relation_negatives=0, subject_prefix=False, route_match="any")
+                  subject_negatives=0, relation_negatives=0, subject_prefix=False, route_match="any", **SCORE_ROUTER)
 FAST = dataclasses.replace(TINY, n_iter=2)  # bookkeeping tests: the edits need not succeed
 EIFFEL = Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome")
 UNRELATED = ["My favourite food is", "The weather today is", "She opened the door and"]

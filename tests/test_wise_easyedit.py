@@ -36,7 +36,9 @@ def test_the_preset_holds_easyedits_values_and_the_benchmark_runs_it_by_name():
                 "subject_negatives": 0, "relation_negatives": 0, "subject_prefix": False, "common_directions": 0,
                 "bare_contexts": False, "route_match": "any"}
     assert {name: getattr(PRESET, name) for name in ours_off} == ours_off
-    assert {name: getattr(WiseConfig(), name) for name in ours_off} != ours_off  # they are ours, not EasyEdit's
+    # WISE's defaults are this algorithm behind the subject gate, with a memory per 10 edits never merged
+    gated = dataclasses.replace(PRESET, route_match="subject", save_freq=10, merge_freq=0)
+    assert dataclasses.asdict(gated) == dataclasses.asdict(WiseConfig())
     assert PRESET.resolved_layer(32) == 27 and PRESET.resolved_layer(30) == 25  # LLaMA-2-7B's 27 of 32, scaled
 
     assert method("wise-easyedit").config_class is WiseEasyEditConfig and method("wise-easyedit").lifelong
