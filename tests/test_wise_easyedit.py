@@ -36,6 +36,8 @@ def test_the_preset_holds_easyedits_values_and_the_benchmark_runs_it_by_name():
                 "subject_negatives": 0, "relation_negatives": 0, "subject_prefix": False, "common_directions": 0,
                 "bare_contexts": False, "route_match": "any"}
     assert {name: getattr(PRESET, name) for name in ours_off} == ours_off
+    # how the preset reads EasyEdit's rows: gaps over the answer positions, its five context prefixes
+    assert PRESET.score_positions == "target" and PRESET.context_prefixes == ("I", "You", "Because", "Yes", "Q:")
     # WISE's defaults are this algorithm behind the subject gate, with a memory per 10 edits never merged
     gated = dataclasses.replace(PRESET, route_match="subject", save_freq=10, merge_freq=0)
     assert dataclasses.asdict(gated) == dataclasses.asdict(WiseConfig())
