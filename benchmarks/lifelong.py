@@ -27,6 +27,9 @@ of the bundled ones, the held-out facts taken from the same dataset; rows name i
     python benchmarks/lifelong.py --methods wise,memit,grace --edits 1,10,100 [--batch 10] [--facts zsre]
                                   [--protocols after_all,after_each] [--set NAME.FIELD=VALUE] [--threads 2]
 
+``--resume DIR`` makes a long stream survive a kill: its editor is saved every ``--save-every`` calls, and
+the same command run again goes on from the last save (rows say ``resumed_at``).
+
 One JSON object per row is appended to ``benchmarks/results/lifelong.jsonl`` (``--out``) as soon as it is
 measured, so a long run keeps what it finished; each records the threads and the machine's 1-minute load
 average when it finished (other jobs on the cores make the times upper bounds).
@@ -47,7 +50,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from editing.cli import config_override
+sys.path.insert(0, str(Path(__file__).parent))
+import stream_checkpoint  # noqa: E402
+
+from editing.cli import config_override  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "lifelong.jsonl"
 PROTOCOLS = ("after_all", "after_each")
@@ -137,13 +143,17 @@ def subject_pattern(subjects: tuple[str, ...]) -> re.Pattern:
 
 
 def run_stream(model, name: str, config, facts: list, batch: int, protocol: str, held_out: list,
-               checkpoints: Sequence[int] | None = None, on_row: Callable[[dict], None] = lambda row: None
-               ) -> list[dict]:
+               checkpoints: Sequence[int] | None = None, on_row: Callable[[dict], None] = lambda row: None,
+               resume: Path | None = None, save_every: int = 10) -> list[dict]:
     """Edit ``facts`` in calls of ``batch`` with a fresh editor, score them under ``protocol``, undo.
 
     One row per checkpoint (default: only ``len(facts)``); a checkpoint T scores the first T facts after
     the calls that edited them (``after_all`` only), exactly as a separate run of T would. ``on_row`` gets
-    each row as soon as it is measured (a long stream keeps what it finished)."""
+    each row as soon as it is measured (a long stream keeps what it finished).
+
+    ``resume``: a folder where the editor and the stream's progress are saved every ``save_every`` calls
+    and after each scored T (:mod:`stream_checkpoint`); a stream started again with the same folder goes on
+    from there (rows already written are not scored again) and clears it when it ends. ``after_all`` only."""
     from editing.editor import create_editor
     from editing.evaluate import agreement, evaluate_accuracy, locality_predictions
     from editing.protocol import batches
@@ -153,6 +163,10 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
         raise ValueError(f"checkpoints {checkpoints} must end at T = {len(facts)} and fall between calls of {batch}")
     if len(checkpoints) > 1 and protocol != "after_all":
         raise ValueError("intermediate checkpoints are scored after_all only")
+    if resume is not None and (protocol != "after_all" or save_every < 1):
+        raise ValueError("a resumable stream is scored after_all and saved every >= 1 calls")
+    run = stream_checkpoint.run_key(name, config, facts, held_out, batch, protocol, checkpoints)
+    progress = stream_checkpoint.read_progress(resume, run) if resume is not None else None
     calls = batches(facts, batch)
     # the unedited model's answers, recorded before the first edit, on the prompts each score reads
     baselines = ([locality_predictions(model, call, facts) for call in calls] if protocol == "after_each"
@@ -161,32 +175,46 @@ def run_stream(model, name: str, config, facts: list, batch: int, protocol: str,
 
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unrelated = (unrelated, argmax_predictions(model, unrelated))  # the same for every checkpoint
-    prefix = {t: _unedited(model, facts[:t], unrelated) for t in checkpoints}
-    editor = create_editor(name, model, config)
+    prefix = {t: _unedited(model, facts[:t], unrelated) for t in checkpoints
+              if progress is None or t > progress.edited}  # rows of T <= a resumed checkpoint are written
     per_call, seconds, rows, edited = [], 0.0, [], 0
+    if progress is None:
+        editor = create_editor(name, model, config)
+    else:
+        editor = stream_checkpoint.load_checkpoint(resume, progress, name, model, config, facts)
+        edited, seconds = progress.edited, progress.seconds
+        print(f"resuming {name} at T = {edited} ({seconds:.0f} s of editing so far) from {resume}", flush=True)
     try:
-        for call, baseline in zip(calls, baselines):
+        for n, (call, baseline) in enumerate(zip(calls, baselines)):
+            if sum(len(c) for c in calls[: n + 1]) <= edited:
+                continue  # edited before the resumed checkpoint
             started = time.perf_counter()
             editor.edit(call)
             seconds += time.perf_counter() - started
             edited += len(call)
             if protocol == "after_each":
                 per_call.append((call, evaluate_accuracy(model, call, baseline, facts)))
-            if edited not in prefix:
-                continue
-            scored, unedited = facts[:edited], prefix[edited]
-            if protocol == "after_all":
-                per_call = [(scored, evaluate_accuracy(model, scored, unedited["locality"]))]
-            other = {key: agreement(model, pairs, base) if pairs else None
-                     for key, (pairs, base) in unedited["other_subjects"].items()}
-            rows.append({**_weighted(per_call, scored), "unrelated": agreement(model, *unedited["unrelated"]),
-                         "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],
-                         "n_locality_other_subjects": len(unedited["other_subjects"]["locality"][0]),
-                         "n_unrelated_other_subjects": len(unedited["other_subjects"]["unrelated"][0]),
-                         **routing_shares(model, editor, scored), "s_per_edit": seconds / edited, "T": edited})
-            on_row(dict(rows[-1]))
+            if edited in prefix:
+                scored, unedited = facts[:edited], prefix[edited]
+                if protocol == "after_all":
+                    per_call = [(scored, evaluate_accuracy(model, scored, unedited["locality"]))]
+                other = {kind: agreement(model, pairs, base) if pairs else None
+                         for kind, (pairs, base) in unedited["other_subjects"].items()}
+                rows.append({**_weighted(per_call, scored), "unrelated": agreement(model, *unedited["unrelated"]),
+                             "locality_other_subjects": other["locality"],
+                             "unrelated_other_subjects": other["unrelated"],
+                             "n_locality_other_subjects": len(unedited["other_subjects"]["locality"][0]),
+                             "n_unrelated_other_subjects": len(unedited["other_subjects"]["unrelated"][0]),
+                             **routing_shares(model, editor, scored), "s_per_edit": seconds / edited,
+                             "resumed_at": progress.edited if progress else None, "T": edited})
+                on_row(dict(rows[-1]))
+            # after the row: a kill between the two scores that T again on resuming (a duplicate, not a loss)
+            if resume is not None and edited < len(facts) and (edited in prefix or (n + 1) % save_every == 0):
+                stream_checkpoint.write_checkpoint(resume, run, editor, edited, seconds)
     finally:
         editor.undo()
+    if resume is not None:
+        stream_checkpoint.clear(resume)
     return rows
 
 
@@ -250,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unedited", action="store_true",
                         help="also write the unedited model's row (method 'unedited') at each T")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="save each stream's editor and progress under DIR (after_all only); run the same "
+                             "command again to go on from the last save after a kill")
+    parser.add_argument("--save-every", type=int, default=10, help="calls between saves with --resume")
     args = parser.parse_args(argv)
     try:
         edits = [int(n) for n in args.edits.split(",")]
@@ -258,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--edits, --batch and --held-out must be positive")
         if set(protocols) - set(PROTOCOLS):
             raise ValueError(f"--protocols must be of {', '.join(PROTOCOLS)}, got {args.protocols!r}")
+        if args.resume and (protocols != ["after_all"] or args.save_every < 1):
+            raise ValueError("--resume takes --protocols after_all and --save-every >= 1")
         if args.one_stream and (protocols != ["after_all"] or any(t % args.batch for t in edits[:-1])
                                 or edits != sorted(edits)):
             raise ValueError("--one-stream scores after_all at increasing T that fall between calls of --batch")
@@ -309,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     for t, checkpoints in streams:
         for name in names:
             for protocol in protocols:
+                folder = Path(args.resume) / f"{name}-T{t}-batch{args.batch}" if args.resume else None
                 run_stream(model, name, configs[name], pool[:t], args.batch, protocol, held_out, checkpoints,
-                           lambda row, name=name, protocol=protocol: write(row, name, protocol))
+                           lambda row, name=name, protocol=protocol: write(row, name, protocol), folder,
+                           args.save_every)
     return 0
 
 
