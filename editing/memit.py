@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     config = MemitConfig(layers=args.layers, mom2_weight=args.mom2_weight,
                          corpus=CorpusConfig(source=args.corpus, samples=args.corpus_samples,
                                              token_budget=args.corpus_tokens),
-                         key_stats=tuple(str(path) for path in args.key_stats))
+                         key_stats=tuple(str(path) for path in args.key_stats),
+                         targets=TargetConfig(autocast=args.autocast))
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)
     with cli.user_errors(ValueError):  # layers out of range, requests that cannot be edited: before any work

@@ -70,6 +70,27 @@ def test_edit_moves_probability_to_the_new_target(tiny_llama):
     assert set(edit.layers) == {1, 2} and all(v > 0 for v in edit.norms().values())
 
 
+def test_targets_under_bf16_autocast_reach_the_float32_targets_and_leave_the_weights_alone(tiny_llama):
+    """TargetConfig(autocast="bfloat16") trains the same δ in lower precision: the targets land where the
+    float32 ones do (the step count is fixed, so no early stop hides a difference), nothing else changes."""
+    from editing.memit import memit_targets
+    from editing.targets import TargetConfig
+    from conftest import weights_digest
+
+    weights = weights_digest(tiny_llama)
+    exact = TargetConfig(steps=10, loss_threshold=0.0)
+    config = dataclasses.replace(TINY_CONFIG, targets=exact)
+    z32 = memit_targets(tiny_llama, REQUESTS, config)
+    z16 = memit_targets(tiny_llama, REQUESTS, dataclasses.replace(config, targets=dataclasses.replace(exact, autocast="bfloat16")))
+    z0 = memit_targets(tiny_llama, REQUESTS, dataclasses.replace(config, targets=dataclasses.replace(exact, steps=1)))
+    assert z16.dtype == z32.dtype == torch.float32 and weights_digest(tiny_llama) == weights
+    moved, apart = (z32 - z0).norm(dim=1), (z16 - z32).norm(dim=1)
+    assert (moved > 0).all() and (apart < 0.1 * moved).all(), (moved, apart)  # same δ up to bf16 rounding
+    assert (apart > 0).any()  # and it did run in bf16
+    with pytest.raises(ValueError, match="autocast must be None, 'bfloat16' or 'float16', got 'int8'"):
+        TargetConfig(autocast="int8")
+
+
 def test_undo_is_bit_exact_and_edits_stack(tiny_llama):
     adapter = ModelAdapter.of(tiny_llama)
     original = {l: adapter.down_projection(tiny_llama, l).detach().clone() for l in (1, 2)}
