@@ -65,6 +65,32 @@ def test_atp_trace_records_its_method_and_round_trips(tiny_llama, tmp_path):
     assert (loaded.method, loaded.metric, loaded.direction) == ("atp", "prob", "denoising")
 
 
+@pytest.mark.parametrize("choice", [{}, {"corruption": "symmetric"}, {"direction": "noising"},
+                                    {"metric": "logit_diff"}, {"tokens": "last subject", "window": 1}])
+def test_many_facts_in_one_scan_batch_give_each_fact_its_own_trace(tiny_llama, choice):
+    """Facts of different lengths right-padded into one forward/backward: every number is the one the fact
+    gets alone (padding after a prompt is never seen by it), for every corruption, direction and metric."""
+    from tracing.average import trace_facts
+    from tracing.causal_trace import trace_facts_scanned
+
+    facts = [f for f in spread(known_facts(), 40) if f.target_new is not None][:5]
+    assert len({len(encode_with_offsets(tiny_llama, f.prompt).ids) for f in facts}) > 1  # padding is exercised
+    config = dataclasses.replace(QUIET, method="atp", **choice)
+    alone = [trace_fact(tiny_llama, fact, config=config) for fact in facts]
+    batched = trace_facts_scanned(tiny_llama, facts, dataclasses.replace(config, fact_batch=3))
+    assert trace_facts(tiny_llama, facts, dataclasses.replace(config, fact_batch=4))[4].prompt == facts[4].prompt
+    for one, many in zip(alone, batched):
+        assert (many.prompt, many.answer, many.clean_top, many.samples) == (one.prompt, one.answer, one.clean_top, one.samples)
+        assert many.clean_prob == pytest.approx(one.clean_prob, rel=1e-5, abs=1e-6)
+        assert many.corrupted_prob == pytest.approx(one.corrupted_prob, rel=1e-5, abs=1e-6)
+        for kind in one.kinds:
+            np.testing.assert_allclose(many.scores[kind], one.scores[kind], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="fact_batch must be >= 1"):
+        TraceConfig(fact_batch=0)
+    with pytest.raises(ValueError, match="only the atp scan"):
+        trace_facts_scanned(tiny_llama, facts, QUIET)
+
+
 def test_atp_correlates_with_exact_tracing(tiny_llama):
     result = atp_accuracy(tiny_llama, spread(known_facts(), 3), TraceConfig(samples=3, show_progress=False))
     mlp = result.kinds["mlp"]

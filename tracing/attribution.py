@@ -22,7 +22,7 @@ term is ``(a_corrupt - a_clean) . d metric / d a`` (the estimated change when on
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -38,16 +38,27 @@ def check_direction(direction: str) -> None:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
 
 
-def _run(model, inputs: TraceInputs, names: list[str], corrupted: bool, grad: bool):
-    """One forward of the clean prompt (1 row) or the corrupted one (one row per sample): the per-row
-    metric and the activations at ``names``; with ``grad`` they stay in the graph for a backward."""
+def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool, grad: bool):
+    """One forward of the clean prompts (one row per fact) or the corrupted ones (one row per sample of
+    each fact), right-padded into one batch: per row the metric at its fact's last token, per fact the
+    top-1 clean token, and the activations at ``names`` (rows, longest prompt, d); with ``grad`` they stay
+    in the graph for a backward. Right padding changes nothing: a causal model's positions never see the
+    padding after them."""
     adapter = ModelAdapter.of(model)
-    rows = inputs.samples if corrupted else 1
+    counts = [inputs.samples if corrupted else 1 for inputs in batch]
+    firsts = np.cumsum([0] + counts[:-1]).tolist()
+    width = max(inputs.n_tokens for inputs in batch)
+    device = batch[0].tokens.device
+    tokens = torch.zeros(sum(counts), width, dtype=torch.long, device=device)
+    for inputs, first, count in zip(batch, firsts, counts):
+        tokens[first: first + count, : inputs.n_tokens] = inputs.tokens
     states: dict[str, torch.Tensor] = {}
-    add_noise = _add_noise_hook(inputs.noise, inputs.subject, first_row=0)
+    noises = [_add_noise_hook(inputs.noise, inputs.subject, first) for inputs, first in zip(batch, firsts)]
 
     def start(embeddings: torch.Tensor, hook) -> torch.Tensor:
-        embeddings = add_noise(embeddings, hook) if corrupted else embeddings
+        if corrupted:
+            for add_noise in noises:
+                embeddings = add_noise(embeddings, hook)
         return embeddings.detach().requires_grad_(True) if grad else embeddings
 
     def keep(state: torch.Tensor, hook) -> None:
@@ -55,37 +66,61 @@ def _run(model, inputs: TraceInputs, names: list[str], corrupted: bool, grad: bo
 
     hooks = [(adapter.embed, start)] + [(name, keep) for name in names]
     with torch.set_grad_enabled(grad):
-        logits = model.run_with_hooks(inputs.tokens.repeat(rows, 1), fwd_hooks=hooks)
-    return _answer_probs(logits[:, -1], inputs), int(logits[0, -1].argmax()), states
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        metrics, tops = [], []
+        for inputs, first, count in zip(batch, firsts, counts):
+            last = logits[first: first + count, inputs.n_tokens - 1]
+            metrics.append(_answer_probs(last, inputs))
+            tops.append(int(last[0].argmax()))
+    return metrics, tops, states, firsts
 
 
 def attribution_patching(model, inputs: TraceInputs, kinds: Iterable[str], window: int,
                          direction: str = "denoising") -> EngineOutput:
     """AtP estimates of every cell, in the shape of an exact engine's output: ``scores`` holds the base
     run's metric plus the estimated effect (corrupted + IE when denoising, clean + change when noising)."""
+    return attribution_patching_batch(model, [inputs], kinds, window, direction)[0]
+
+
+def attribution_patching_batch(model, batch: Sequence[TraceInputs], kinds: Iterable[str], window: int,
+                               direction: str = "denoising") -> list[EngineOutput]:
+    """:func:`attribution_patching` of many facts at once: their clean prompts in one forward, their
+    corrupted rows in another, one backward. Each fact's numbers are the ones it gets alone (to float
+    rounding: a test holds them to 1e-5); only the batch is larger."""
     check_direction(direction)
     kinds = list(kinds)
     adapter = ModelAdapter.of(model)
     n_layers = adapter.n_layers
     names = sorted({adapter.state_hook(kind, layer) for kind in kinds for layer in range(n_layers)})
     denoising = direction == "denoising"
-    clean_metric, clean_top, clean = _run(model, inputs, names, corrupted=False, grad=not denoising)
-    corrupt_metric, _, corrupt = _run(model, inputs, names, corrupted=True, grad=denoising)
+    clean_metric, clean_top, clean, clean_firsts = _run(model, batch, names, corrupted=False, grad=not denoising)
+    corrupt_metric, _, corrupt, corrupt_firsts = _run(model, batch, names, corrupted=True, grad=denoising)
     base_metric, base, source = (corrupt_metric, corrupt, clean) if denoising else (clean_metric, clean, corrupt)
-    gradients = torch.autograd.grad(base_metric.sum(), [base[name] for name in names], allow_unused=True)
-    terms: dict[str, np.ndarray] = {}
+    base_firsts, source_firsts = (corrupt_firsts, clean_firsts) if denoising else (clean_firsts, corrupt_firsts)
+    total = sum(metric.sum() for metric in base_metric)  # each row's metric reads its own row only
+    gradients = torch.autograd.grad(total, [base[name] for name in names], allow_unused=True)
+    outputs = []
     with torch.no_grad():
-        for name, gradient in zip(names, gradients):
-            if gradient is None:  # the state does not reach the metric
-                terms[name] = np.zeros(inputs.n_tokens)
-                continue
-            difference = source[name].float() - base[name].detach().float()  # (rows, T, d), broadcast 1 <-> N
-            terms[name] = (difference * gradient.float()).sum(-1).mean(0).cpu().double().numpy()
-    start = float(base_metric.detach().mean())
-    scores = {}
-    for kind in kinds:
-        per_layer = np.stack([terms[adapter.state_hook(kind, layer)] for layer in range(n_layers)], axis=1)
-        summed = np.stack([per_layer[:, list(restored_layers(kind, layer, n_layers, window))].sum(axis=1)
-                           for layer in range(n_layers)], axis=1)
-        scores[kind] = start + summed
-    return EngineOutput(float(clean_metric[0].detach()), float(corrupt_metric.detach().mean()), clean_top, scores)
+        for f, inputs in enumerate(batch):
+            n_base, n_source = len(base_metric[f]), (1 if denoising else inputs.samples)
+            rows = slice(base_firsts[f], base_firsts[f] + n_base)
+            source_rows = slice(source_firsts[f], source_firsts[f] + n_source)
+            terms: dict[str, np.ndarray] = {}
+            for name, gradient in zip(names, gradients):
+                if gradient is None:  # the state does not reach the metric
+                    terms[name] = np.zeros(inputs.n_tokens)
+                    continue
+                tokens = slice(0, inputs.n_tokens)
+                # (rows, T, d), broadcast 1 <-> N
+                difference = source[name][source_rows, tokens].float() - base[name][rows, tokens].detach().float()
+                terms[name] = (difference * gradient[rows, tokens].float()).sum(-1).mean(0).cpu().double().numpy()
+            start = float(base_metric[f].detach().mean())
+            scores = {}
+            for kind in kinds:
+                per_layer = np.stack([terms[adapter.state_hook(kind, layer)] for layer in range(n_layers)], axis=1)
+                summed = np.stack([per_layer[:, list(restored_layers(kind, layer, n_layers, window))].sum(axis=1)
+                                   for layer in range(n_layers)], axis=1)
+                scores[kind] = start + summed
+            outputs.append(EngineOutput(float(clean_metric[f][0].detach()), float(corrupt_metric[f].detach().mean()),
+                                        clean_top[f], scores))
+    return outputs

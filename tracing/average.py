@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from tracing.causal_trace import FactTrace, TraceConfig, trace_fact
+from tracing.causal_trace import FactTrace, TraceConfig, trace_fact, trace_facts_scanned
 from tracing.distributed import gather_shards, shard, world
 from tracing.facts import Fact
 
@@ -112,8 +112,16 @@ def trace_facts(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig(
     the single-process ones."""
     quiet = replace(config, show_progress=False)
     show = config.show_progress and world().is_main
-    local = [trace_fact(model, fact, config=quiet)
-             for fact in tqdm(shard(facts), desc="tracing facts", unit="fact", disable=not show)]
+    mine = shard(facts)
+    if config.method == "atp":  # the scan takes config.fact_batch facts per forward and backward
+        local = []
+        with tqdm(total=len(mine), desc="tracing facts", unit="fact", disable=not show) as bar:
+            for start in range(0, len(mine), config.fact_batch):
+                local += trace_facts_scanned(model, mine[start: start + config.fact_batch], quiet)
+                bar.update(len(mine[start: start + config.fact_batch]))
+    else:
+        local = [trace_fact(model, fact, config=quiet)
+                 for fact in tqdm(mine, desc="tracing facts", unit="fact", disable=not show)]
     return gather_shards(local)
 
 

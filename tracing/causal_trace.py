@@ -19,12 +19,13 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from tracing.adapter import KINDS, ModelAdapter
-from tracing.attribution import DIRECTIONS, attribution_patching, check_direction
+from tracing.attribution import DIRECTIONS, attribution_patching, attribution_patching_batch, check_direction
 from tracing.blocks import EngineUnsupported
 from tracing.corruption import Corruption, check_corruption, gaussian, symmetric
 from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, needs_full_forwards
@@ -72,6 +73,7 @@ class TraceConfig:
     metric: str = "prob"
     direction: str = "denoising"
     tokens: str = "all"
+    fact_batch: int = 8  # facts per forward/backward when many facts are scanned (method "atp")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +92,8 @@ class TraceConfig:
             raise ValueError("samples must be >= 1")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.fact_batch < 1:
+            raise ValueError("fact_batch must be >= 1")
         if self.noise is not None and self.noise < 0:
             raise ValueError("noise must be >= 0")
 
@@ -192,6 +196,11 @@ def trace_fact(model, fact: Fact, *, answer: str | None = None, counterfactual: 
     Pass ``answer=fact.target_new`` after an edit to see where the new answer is read from. Under
     ``metric="logit_diff"`` the counterfactual answer is ``counterfactual``, else ``fact.target_new``.
     """
+    return _trace(model, _prepare_fact(model, fact, answer, counterfactual, config), config)
+
+
+def _prepare_fact(model, fact: Fact, answer: str | None, counterfactual: str | None,
+                  config: TraceConfig) -> _Prepared:
     answer = answer if answer is not None else fact.target_true
     if config.metric == "logit_diff" and counterfactual is None:
         if fact.target_new is None:
@@ -202,8 +211,23 @@ def trace_fact(model, fact: Fact, *, answer: str | None = None, counterfactual: 
     encoded, subject_range = encode_fact(model, fact)
     corruption = _corruption(model, encoded, fact.subject, fact.subject_char_start, subject_range, config)
     answer_id = target_token_ids(model, answer)[0]
-    return _trace(model, encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id,
-                  corruption, counterfactual, counterfactual_id, config)
+    return _prepared(model, _Prepared(encoded.text, list(encoded.ids), fact.subject, subject_range, answer_id,
+                                      corruption, counterfactual, counterfactual_id))
+
+
+def trace_facts_scanned(model, facts: Sequence[Fact], config: TraceConfig) -> list[FactTrace]:
+    """:func:`trace_fact` of each fact under ``method="atp"``, ``config.fact_batch`` facts per forward and
+    backward (the same numbers as one at a time, in fewer, larger batches)."""
+    if config.method != "atp":
+        raise ValueError(f"only the atp scan traces many facts in one batch, not method {config.method!r}")
+    prepared = [_prepare_fact(model, fact, None, None, config) for fact in facts]
+    traces = []
+    for start in range(0, len(prepared), config.fact_batch):
+        chunk = prepared[start: start + config.fact_batch]
+        outputs = attribution_patching_batch(model, [p.inputs for p in chunk], config.kinds, config.window,
+                                             config.direction)
+        traces += [_finished(model, p, output, "atp", config) for p, output in zip(chunk, outputs)]
+    return traces
 
 
 def trace_prompt(model, prompt: str, subject: str, *, answer: str | None = None, counterfactual: str | None = None,
@@ -219,8 +243,8 @@ def trace_prompt(model, prompt: str, subject: str, *, answer: str | None = None,
     else:
         with torch.no_grad():
             answer_id = int(model(encoded.tensor(_device(model)))[0, -1].argmax())
-    return _trace(model, prompt, list(encoded.ids), subject.strip(), subject_range, answer_id,
-                  corruption, counterfactual, counterfactual_id, config)
+    return _trace(model, _prepared(model, _Prepared(prompt, list(encoded.ids), subject.strip(), subject_range,
+                                                    answer_id, corruption, counterfactual, counterfactual_id)), config)
 
 
 def _counterfactual_id(model, answer: str | None, counterfactual: str | None, config: TraceConfig) -> int | None:
@@ -266,36 +290,62 @@ def _dtype(model) -> torch.dtype:
     return model_dtype(model)
 
 
-def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tuple[int, int], answer_id: int,
-           corruption: Corruption, counterfactual: str | None, counterfactual_id: int | None,
-           config: TraceConfig) -> FactTrace:
-    decode = model.tokenizer.decode
-    if counterfactual_id is not None:
-        _check_counterfactual(model, answer_id, decode([answer_id]), counterfactual_id, counterfactual)
-    inputs = TraceInputs(
-        tokens=torch.tensor([ids], device=_device(model)),
-        subject=subject_range,
-        answer_id=answer_id,
-        noise=corruption.delta.to(device=_device(model), dtype=_dtype(model)),
-        counterfactual_id=counterfactual_id,
+@dataclass
+class _Prepared:
+    """One fact ready to trace: its tokens, subject, answer, corruption and (once on the device) inputs."""
+
+    prompt: str
+    ids: list[int]
+    subject: str
+    subject_range: tuple[int, int]
+    answer_id: int
+    corruption: Corruption
+    counterfactual: str | None
+    counterfactual_id: int | None
+    inputs: TraceInputs | None = None
+
+
+def _prepared(model, prepared: _Prepared) -> _Prepared:
+    """Check the counterfactual against the answer and build the engine inputs on the model's device."""
+    if prepared.counterfactual_id is not None:
+        answer = model.tokenizer.decode([prepared.answer_id])
+        _check_counterfactual(model, prepared.answer_id, answer, prepared.counterfactual_id, prepared.counterfactual)
+    prepared.inputs = TraceInputs(
+        tokens=torch.tensor([prepared.ids], device=_device(model)),
+        subject=prepared.subject_range,
+        answer_id=prepared.answer_id,
+        noise=prepared.corruption.delta.to(device=_device(model), dtype=_dtype(model)),
+        counterfactual_id=prepared.counterfactual_id,
     )
+    return prepared
+
+
+def _trace(model, prepared: _Prepared, config: TraceConfig) -> FactTrace:
     if config.method == "atp":
-        output, engine = attribution_patching(model, inputs, config.kinds, config.window, config.direction), "atp"
+        output, engine = attribution_patching(model, prepared.inputs, config.kinds, config.window,
+                                              config.direction), "atp"
     else:
-        output, engine = _run_engine(model, inputs, config)
+        output, engine = _run_engine(model, prepared.inputs, config)
+    return _finished(model, prepared, output, engine, config)
+
+
+def _finished(model, prepared: _Prepared, output: EngineOutput, engine: str, config: TraceConfig) -> FactTrace:
+    """The :class:`FactTrace` of an engine's output (cells outside ``config.tokens`` marked NaN)."""
+    decode = model.tokenizer.decode
+    ids, subject_range, corruption = prepared.ids, prepared.subject_range, prepared.corruption
     scores = {kind: output.scores[kind] for kind in config.kinds}
     traced = traced_tokens(config, subject_range, len(ids))
     if traced is not None:  # cells outside the selection were not computed (or were estimated): say so
         untraced = np.setdiff1d(np.arange(len(ids)), traced)
         scores = {kind: _with_nan_rows(values, untraced) for kind, values in scores.items()}
     return FactTrace(
-        prompt=prompt,
-        subject=subject,
+        prompt=prepared.prompt,
+        subject=prepared.subject,
         tokens=token_strings(model, ids),
         token_ids=ids,
         subject_range=subject_range,
-        answer=decode([answer_id]),
-        answer_id=answer_id,
+        answer=decode([prepared.answer_id]),
+        answer_id=prepared.answer_id,
         clean_top=decode([output.clean_top_id]),
         clean_prob=output.clean_prob,
         corrupted_prob=output.corrupted_prob,
@@ -310,7 +360,7 @@ def _trace(model, prompt: str, ids: list[int], subject: str, subject_range: tupl
         corruption=corruption.kind,
         replacements=corruption.replacements,
         metric=config.metric,
-        counterfactual=counterfactual,
+        counterfactual=prepared.counterfactual,
         direction=config.direction,
     )
 
