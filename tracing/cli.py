@@ -329,6 +329,9 @@ def locate_parser() -> ArgumentParser:
     parser.add_argument("--method", choices=SELECTION_METHODS, default="peak-end",
                         help="how the layers are chosen from the MLP curve (default peak-end)")
     add_trace_choices(parser, "--trace-method")  # --method already chooses the layers
+    parser.add_argument("--fact-batch", type=int_at_least(1), default=8,
+                        help="facts per forward and backward of the atp scan (default 8; exact tracing goes one "
+                             "fact at a time)")
     parser.add_argument("--figures", default=None, type=output_folder,
                         help="folder for the average-effect and layer figures")
     parser.add_argument("--include-wrong", action="store_true",
