@@ -6,17 +6,23 @@ token AIE curves; CPU seconds of each method) to benchmarks/results/atp_accuracy
 
     python benchmarks/atp_accuracy.py                         # embedded model, 50 facts, all kinds
     python benchmarks/atp_accuracy.py --model tiny-llama --facts 3 --out /tmp/atp.json
+    python benchmarks/atp_accuracy.py --steps 1,2,4 --kinds mlp,attn   # AtP and integrated gradients, one exact run
+
+With several ``--steps`` (TraceConfig.atp_steps: gradients averaged over noise scales, 1 = plain AtP) the
+facts are traced exactly once and every setting is compared with those traces; the record of the first
+goes to the top level of the file, all of them under ``by_steps``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from tracing.atp_accuracy import atp_accuracy
+from tracing.atp_accuracy import atp_accuracy, traced
 from tracing.causal_trace import TraceConfig
 from tracing.cli import CORRUPTIONS, METRICS, kind_list
 from tracing.facts import known_facts, spread
@@ -35,24 +41,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian")
     parser.add_argument("--metric", choices=METRICS, default="prob")
     parser.add_argument("--top-k", type=int, default=10, help="cells compared by top-k agreement (default 10)")
+    parser.add_argument("--steps", default="1", help="comma-separated AtP step counts (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     model = load_model(args.model)
     facts = spread(known_facts(), args.facts)
-    config = TraceConfig(kinds=args.kinds, samples=args.samples, corruption=args.corruption, metric=args.metric)
-    result = atp_accuracy(model, facts, config, k=args.top_k)
-    record = {"model": model_spec(model).name, "torch_threads": torch.get_num_threads(), **result.as_record()}
-    write_json_atomic(args.out, record)
+    steps = [int(part) for part in args.steps.split(",")]
+    configs = [TraceConfig(kinds=args.kinds, samples=args.samples, corruption=args.corruption, metric=args.metric,
+                           atp_steps=n) for n in steps]  # refused here, before any trace, if a value is bad
+    exact = traced(model, facts, configs[0], "exact")
+    results = [atp_accuracy(model, facts, config, k=args.top_k, exact=exact) for config in configs]
+    records = [{"model": model_spec(model).name, "torch_threads": torch.get_num_threads(),
+                "load_average": os.getloadavg()[0], **r.as_record()} for r in results]
+    write_json_atomic(args.out, {**records[0], "by_steps": {str(n): r for n, r in zip(steps, records)}})
+    for n, result in zip(steps, results):
+        _report(args, result, n)
+    print(f"-> {args.out}")
+    return 0
 
-    print(f"{record['model']}, {result.n_facts} facts, {args.samples} samples, {args.corruption}, {args.metric}, "
-          f"{torch.get_num_threads()} threads")
+
+def _report(args, result, steps: int) -> None:
+
+    print(f"{args.model}, {result.n_facts} facts, {args.samples} samples, {args.corruption}, {args.metric}, "
+          f"{torch.get_num_threads()} threads, AtP steps {steps}")
     print(f"CPU time: exact {result.exact_seconds:.1f} s, AtP {result.atp_seconds:.1f} s ({result.speedup:.0f}x)")
     print(f"{'kind':<6} {'pearson':>8} {'pooled':>8} {f'top-{args.top_k}':>8} {'curve r':>8}")
     for kind, acc in result.kinds.items():
         print(f"{kind:<6} {acc.pearson:8.3f} {acc.pearson_pooled:8.3f} {acc.top_k:8.2f} {acc.curve_pearson:8.3f}")
-    print(f"-> {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -217,3 +217,65 @@ def test_atp_accuracy_benchmark_on_a_tiny_model(tmp_path):
     record = json.loads(out.read_text())
     assert record["n_facts"] == 3 and set(record["kinds"]) == {"resid", "mlp", "attn"}
     assert "pearson" in result.stdout
+
+
+def test_atp_steps_average_the_gradient_over_noise_scales(tiny_llama):
+    """``atp_steps=k``: the gradient at noise scales 1, 1 - 1/k, ... averaged, times the full clean - corrupted
+    difference; recomputed here with plain hooks for one MLP layer. Noising with steps is refused."""
+    from tracing.adapter import ModelAdapter
+    from tracing.attribution import attribution_patching
+    from tracing.engine import TraceInputs
+
+    torch.manual_seed(0)
+    encoded = encode_with_offsets(tiny_llama, PROMPT)
+    tokens, subject = torch.tensor([encoded.ids]), subject_token_range(encoded, SUBJECT)
+    noise = torch.randn(3, subject[1] - subject[0], tiny_llama.cfg.d_model)
+    with torch.no_grad():
+        answer = int(tiny_llama(tokens)[0, -1].argmax())
+    inputs = TraceInputs(tokens, subject, answer, noise)
+    adapter, layer, steps = ModelAdapter.of(tiny_llama), 1, 3
+    name = adapter.state_hook("mlp", layer)
+
+    def run(scale: float):
+        kept = {}
+
+        def corrupt(embeddings, hook):
+            embeddings = embeddings.repeat(3, 1, 1).detach().clone()
+            embeddings[:, subject[0]: subject[1]] += scale * noise
+            return embeddings.requires_grad_(True)
+
+        def keep(state, hook):
+            kept["a"] = state
+            return state
+
+        logits = tiny_llama.run_with_hooks(tokens, fwd_hooks=[(adapter.embed, corrupt), (name, keep)])
+        metric = torch.softmax(logits[:, -1].float(), -1)[:, answer].sum()
+        return kept["a"], torch.autograd.grad(metric, kept["a"])[0]
+
+    with torch.no_grad():
+        clean = tiny_llama.run_with_cache(tokens, names_filter=lambda n: n == name)[1][name]
+    corrupted, _ = run(1.0)
+    gradient = sum(run(1.0 - j / steps)[1] for j in range(steps)) / steps
+    expected = ((clean - corrupted.detach()) * gradient).sum(-1).mean(0)
+
+    output = attribution_patching(tiny_llama, inputs, ["mlp"], window=1, steps=steps)
+    estimated = output.scores["mlp"][:, layer] - output.corrupted_prob
+    np.testing.assert_allclose(estimated, expected.double().numpy(), rtol=1e-4, atol=1e-7)
+    plain = attribution_patching(tiny_llama, inputs, ["mlp"], window=1).scores["mlp"][:, layer]
+    assert np.abs(plain - output.scores["mlp"][:, layer]).max() > 1e-6  # the extra steps change the estimate
+    with pytest.raises(ValueError, match="denoising"):
+        TraceConfig(method="atp", direction="noising", atp_steps=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        TraceConfig(atp_steps=0)
+
+
+@pytest.mark.parametrize("extra, message", [([], "needs --method atp"),
+                                             (["--method", "atp", "--direction", "noising"], "denoising"),
+                                             (["--method", "atp", "--atp-steps", "0"], ">= 1")])
+def test_heatmap_cli_refuses_atp_steps_it_cannot_use_before_loading(extra, message, capsys):
+    from tracing import heatmap
+
+    arguments = ["no-such-model", "--atp-steps", "2", *extra]  # a model that would fail later, if it were read
+    with pytest.raises(SystemExit) as exit_info:
+        heatmap.main(arguments)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

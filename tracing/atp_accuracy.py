@@ -87,15 +87,21 @@ def compare_traces(exact: Sequence[FactTrace], atp: Sequence[FactTrace], kind: s
     return KindAccuracy(kind, mean_r, pooled, float(np.mean(agreement)), k, pearson(curves[1], curves[0]), len(pairs))
 
 
-def atp_accuracy(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig(), k: int = 10) -> AtpAccuracy:
-    """Trace every fact exactly and by AtP under ``config`` (its ``method`` is ignored) and compare them."""
-    exact_config = dataclasses.replace(config, method="exact", show_progress=False)
-    atp_config = dataclasses.replace(config, method="atp", show_progress=False)
-    exact, atp, seconds = [], [], {"exact": 0.0, "atp": 0.0}
-    for fact in tqdm(facts, desc="exact and AtP", unit="fact", disable=not config.show_progress):
-        for name, cfg, out in (("exact", exact_config, exact), ("atp", atp_config, atp)):
-            started = time.process_time()
-            out.append(trace_fact(model, fact, config=cfg))
-            seconds[name] += time.process_time() - started
-    kinds = {kind: compare_traces(exact, atp, kind, k) for kind in config.kinds}
-    return AtpAccuracy(kinds, len(facts), seconds["exact"], seconds["atp"], config)
+def traced(model, facts: Sequence[Fact], config: TraceConfig, method: str) -> tuple[list[FactTrace], float]:
+    """Every fact traced one at a time under ``config`` with ``method``, and the CPU seconds it took."""
+    config = dataclasses.replace(config, method=method, show_progress=False)
+    traces, started = [], time.process_time()
+    for fact in tqdm(facts, desc=f"{method} traces", unit="fact", disable=not config.show_progress):
+        traces.append(trace_fact(model, fact, config=config))
+    return traces, time.process_time() - started
+
+
+def atp_accuracy(model, facts: Sequence[Fact], config: TraceConfig = TraceConfig(), k: int = 10,
+                 exact: tuple[list[FactTrace], float] | None = None) -> AtpAccuracy:
+    """Trace every fact exactly and by AtP under ``config`` (its ``method`` is ignored) and compare them.
+    ``exact``: the exact traces of ``facts`` and their seconds, already made (:func:`traced`), e.g. to
+    compare several AtP settings with one exact run."""
+    exact_traces, exact_seconds = exact if exact is not None else traced(model, facts, config, "exact")
+    atp, atp_seconds = traced(model, facts, config, "atp")
+    kinds = {kind: compare_traces(exact_traces, atp, kind, k) for kind in config.kinds}
+    return AtpAccuracy(kinds, len(facts), exact_seconds, atp_seconds, config)

@@ -16,6 +16,12 @@ more than the first-order expansion of the window restoration would: read it as 
 probability. AtP is known to be weak where the effect is non-linear (the residual stream, probabilities
 near 0 or 1): :func:`tracing.atp_accuracy.atp_accuracy` measures how weak.
 
+``steps`` > 1 (denoising only) averages the gradient over that many corrupted runs whose noise is scaled
+down from 1 towards 0 (1, 1 - 1/k, ..., 1/k): a left Riemann sum of the path integral from the corrupted
+to the clean input (integrated gradients on the inputs, as EAP-IG; Hanna et al. 2024). The difference
+a_clean - a_corrupt stays that of the full corruption; ``steps=1`` is AtP itself. Each step costs one
+more forward and backward and follows the effect where it is non-linear.
+
 In the ``noising`` direction the roles swap: the base run is clean, the gradient is taken there, and the
 term is ``(a_corrupt - a_clean) . d metric / d a`` (the estimated change when one state is corrupted).
 """
@@ -38,11 +44,18 @@ def check_direction(direction: str) -> None:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
 
 
-def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool, grad: bool):
+def check_steps(steps: int, direction: str) -> None:
+    if steps < 1:
+        raise ValueError(f"atp steps must be >= 1, got {steps}")
+    if steps > 1 and direction != "denoising":
+        raise ValueError("atp steps > 1 (integrated gradients) are defined for the denoising direction only")
+
+
+def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool, grad: bool, scale: float = 1.0):
     """One forward of the clean prompts (one row per fact) or the corrupted ones (one row per sample of
     each fact), right-padded into one batch: per row the metric at its fact's last token, per fact the
     top-1 clean token, and the activations at ``names`` (rows, longest prompt, d); with ``grad`` they stay
-    in the graph for a backward. Right padding changes nothing: a causal model's positions never see the
+    in the graph for a backward. ``scale`` multiplies the corruption's noise. Right padding changes nothing: a causal model's positions never see the
     padding after them."""
     adapter = ModelAdapter.of(model)
     counts = [inputs.samples if corrupted else 1 for inputs in batch]
@@ -53,7 +66,7 @@ def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool,
     for inputs, first, count in zip(batch, firsts, counts):
         tokens[first: first + count, : inputs.n_tokens] = inputs.tokens
     states: dict[str, torch.Tensor] = {}
-    noises = [_add_noise_hook(inputs.noise, inputs.subject, first) for inputs, first in zip(batch, firsts)]
+    noises = [_add_noise_hook(inputs.noise * scale, inputs.subject, first) for inputs, first in zip(batch, firsts)]
 
     def start(embeddings: torch.Tensor, hook) -> torch.Tensor:
         if corrupted:
@@ -76,18 +89,19 @@ def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool,
 
 
 def attribution_patching(model, inputs: TraceInputs, kinds: Iterable[str], window: int,
-                         direction: str = "denoising") -> EngineOutput:
+                         direction: str = "denoising", steps: int = 1) -> EngineOutput:
     """AtP estimates of every cell, in the shape of an exact engine's output: ``scores`` holds the base
     run's metric plus the estimated effect (corrupted + IE when denoising, clean + change when noising)."""
-    return attribution_patching_batch(model, [inputs], kinds, window, direction)[0]
+    return attribution_patching_batch(model, [inputs], kinds, window, direction, steps)[0]
 
 
 def attribution_patching_batch(model, batch: Sequence[TraceInputs], kinds: Iterable[str], window: int,
-                               direction: str = "denoising") -> list[EngineOutput]:
+                               direction: str = "denoising", steps: int = 1) -> list[EngineOutput]:
     """:func:`attribution_patching` of many facts at once: their clean prompts in one forward, their
     corrupted rows in another, one backward. Each fact's numbers are the ones it gets alone (to float
     rounding: a test holds them to 1e-5); only the batch is larger."""
     check_direction(direction)
+    check_steps(steps, direction)
     kinds = list(kinds)
     adapter = ModelAdapter.of(model)
     n_layers = adapter.n_layers
@@ -99,6 +113,12 @@ def attribution_patching_batch(model, batch: Sequence[TraceInputs], kinds: Itera
     base_firsts, source_firsts = (corrupt_firsts, clean_firsts) if denoising else (clean_firsts, corrupt_firsts)
     total = sum(metric.sum() for metric in base_metric)  # each row's metric reads its own row only
     gradients = torch.autograd.grad(total, [base[name] for name in names], allow_unused=True)
+    for step in range(1, steps):  # integrated gradients: the corruption scaled down towards the clean input
+        metric, _, states, _ = _run(model, batch, names, corrupted=True, grad=True, scale=1.0 - step / steps)
+        more = torch.autograd.grad(sum(m.sum() for m in metric), [states[name] for name in names], allow_unused=True)
+        gradients = [g if m is None else (m if g is None else g + m) for g, m in zip(gradients, more)]
+    if steps > 1:
+        gradients = [None if g is None else g / steps for g in gradients]
     outputs = []
     with torch.no_grad():
         for f, inputs in enumerate(batch):

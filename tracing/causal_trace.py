@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from tracing.adapter import KINDS, ModelAdapter
-from tracing.attribution import DIRECTIONS, attribution_patching, attribution_patching_batch, check_direction
+from tracing.attribution import (DIRECTIONS, attribution_patching, attribution_patching_batch, check_direction,
+                                 check_steps)
 from tracing.blocks import EngineUnsupported
 from tracing.corruption import Corruption, check_corruption, gaussian, symmetric
 from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, needs_full_forwards
@@ -74,6 +75,7 @@ class TraceConfig:
     direction: str = "denoising"
     tokens: str = "all"
     fact_batch: int = 8  # facts per forward/backward when many facts are scanned (method "atp")
+    atp_steps: int = 1  # method "atp": gradients averaged over this many noise scales (1: plain AtP)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +83,7 @@ class TraceConfig:
         check_corruption(self.corruption)
         check_metric(self.metric)
         check_direction(self.direction)
+        check_steps(self.atp_steps, self.direction)
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
@@ -225,7 +228,7 @@ def trace_facts_scanned(model, facts: Sequence[Fact], config: TraceConfig) -> li
     for start in range(0, len(prepared), config.fact_batch):
         chunk = prepared[start: start + config.fact_batch]
         outputs = attribution_patching_batch(model, [p.inputs for p in chunk], config.kinds, config.window,
-                                             config.direction)
+                                             config.direction, config.atp_steps)
         traces += [_finished(model, p, output, "atp", config) for p, output in zip(chunk, outputs)]
     return traces
 
@@ -323,7 +326,7 @@ def _prepared(model, prepared: _Prepared) -> _Prepared:
 def _trace(model, prepared: _Prepared, config: TraceConfig) -> FactTrace:
     if config.method == "atp":
         output, engine = attribution_patching(model, prepared.inputs, config.kinds, config.window,
-                                              config.direction), "atp"
+                                              config.direction, config.atp_steps), "atp"
     else:
         output, engine = _run_engine(model, prepared.inputs, config)
     return _finished(model, prepared, output, engine, config)

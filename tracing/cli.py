@@ -225,6 +225,9 @@ def add_trace_choices(parser: argparse.ArgumentParser, method_option: str = "--m
     parser.add_argument(method_option, dest="trace_method", choices=TRACE_METHODS, default="exact",
                         help="exact: restore every cell (ROME); atp: attribution patching, a linear estimate of "
                              "every cell from one backward pass (fast, approximate)")
+    parser.add_argument("--atp-steps", type=int, default=1,
+                        help="with the atp method: average the gradient over this many noise scales "
+                             "(integrated gradients; 1, the default, is plain attribution patching)")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian",
                         help="gaussian: noise on the subject's embeddings (ROME, default); symmetric: the subject "
                              "replaced by other bundled subjects of the same token length")
@@ -234,6 +237,12 @@ def add_trace_choices(parser: argparse.ArgumentParser, method_option: str = "--m
 
 def check_trace_choices(args: argparse.Namespace) -> None:
     """Refuse combinations of the trace options that cannot work, before any model is loaded."""
+    if args.atp_steps != 1 and args.trace_method != "atp":
+        fail(f"--atp-steps {args.atp_steps} needs --method atp (exact tracing has no gradient to average)")
+    if args.atp_steps > 1 and getattr(args, "direction", "denoising") != "denoising":
+        fail("--atp-steps > 1 (integrated gradients) is defined for the denoising direction only")
+    if args.atp_steps < 1:
+        fail(f"--atp-steps must be >= 1, got {args.atp_steps}")
     if getattr(args, "noise", None) is not None and args.corruption != "gaussian":
         fail(f"--noise sets the Gaussian noise; it has no meaning with --corruption {args.corruption}")
 
