@@ -16,6 +16,11 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   subject's spellings (its token ids in the edit prompt, in the context templates, alone and after a
   space) ends *and* the key's cosine similarity to the centred state is at least ``subject_similarity``;
   it adds its δ there (two edits of one subject in different relations add up, as in MEMIT).
+  ``relation_similarity`` (off by default) adds a relation check: the entry answers only if some
+  position *after* the subject (padding excluded) has a state at least that similar to the entry's
+  relation key, the centred state at the last token of its edit prompt over the context templates. The
+  check reads later tokens (as WISE's router reads the whole prompt), so it keeps a δ written for one
+  relation off the subject's other relations ("{subject} was born in" after "{subject}'s mother tongue").
   ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
   threshold is then ``similarity`` or, if higher, ``margin`` above the best match among the positions of
   held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
@@ -74,6 +79,7 @@ class SubjectMemoryConfig:
     margin: float = 0.02  # state gate: a key's threshold sits this far above its best held-out match
     calibration: int = 256  # held-out fact prompts whose positions set the thresholds
     other_relations: int = 0  # per edit: prompts about its subject in other relations whose answers δ keeps
+    relation_similarity: float | None = None  # a later position must be this similar to the relation key
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
     context_length: int = MemitConfig.context_length
@@ -83,8 +89,8 @@ class SubjectMemoryConfig:
     def __post_init__(self) -> None:
         if self.match not in MATCHES:
             raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
-        for name in ("similarity", "subject_similarity"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
+        for name in ("similarity", "subject_similarity", "relation_similarity"):
+            if getattr(self, name) is not None and not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [-1, 1], got {getattr(self, name)}")
         if self.margin < 0 or self.calibration < 0 or self.other_relations < 0:
             raise ValueError("margin, calibration and other_relations must be >= 0")
@@ -125,6 +131,7 @@ class SubjectMemoryEditor(HookedEditor):
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
+        self.relation_keys: torch.Tensor | None = None  # (N, d_model), unit norm: the edit prompt's last token
         self.thresholds: list[float] = []  # the state gate's, per entry
         self.spellings: list[list[tuple[int, ...]]] = []  # token ids of each entry's subject
         self.subjects: list[str] = []
@@ -212,7 +219,29 @@ class SubjectMemoryEditor(HookedEditor):
             return rows, positions, entries
         similarity = (self._unit(states[rows, positions]) * keys[entries]).sum(-1)
         keep = similarity >= self.config.subject_similarity
+        rows, positions, entries = rows[keep], positions[keep], entries[keep]
+        if self.config.relation_similarity is None or len(entries) == 0:
+            return rows, positions, entries
+        keep = self._asks_relation(states, tokens.to(states.device), rows, positions, entries)
         return rows[keep], positions[keep], entries[keep]
+
+    def _asks_relation(self, states: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+                       positions: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Per match: whether a real (non-padding) position after the subject is at least
+        ``relation_similarity`` similar to the entry's relation key. A subject at the end of the text
+        (nothing asked yet) passes."""
+        if self.relation_keys is None or len(self.relation_keys) != len(self.keys):
+            raise RuntimeError("this memory has no relation keys (saved before relation_similarity existed)")
+        similarity = torch.einsum("mpd,md->mp", self._unit(states[rows]),
+                                  self.relation_keys.to(states.device)[entries])
+        index = torch.arange(states.shape[1], device=states.device)
+        later = (index[None, :] > positions[:, None]) & (tokens[rows] != self._pad_id())
+        best = similarity.masked_fill(~later, -2.0).amax(-1)
+        return (best >= self.config.relation_similarity) | ~later.any(-1)
+
+    def _pad_id(self) -> int:
+        tokenizer = self.model.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:
@@ -248,6 +277,7 @@ class SubjectMemoryEditor(HookedEditor):
         requests = validate_requests(model, as_facts(facts), earlier=self.edited)
         templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         keys = self._keys(requests, templates)
+        relation_keys = self._relation_keys(requests, templates)
         contexts = [context for group in templates for context in group]
         spellings = [subject_spellings(model, fact, contexts) for fact in requests]
         # z on the model as it is now: earlier entries of the same subject are in place (through the state
@@ -266,6 +296,8 @@ class SubjectMemoryEditor(HookedEditor):
         start = 0 if self.keys is None else len(self.keys)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas])
+        self.relation_keys = (relation_keys if self.relation_keys is None
+                              else torch.cat([self.relation_keys, relation_keys]))
         self.thresholds += thresholds
         self.spellings += spellings
         self._index = SpellingIndex(self.spellings)
@@ -289,6 +321,21 @@ class SubjectMemoryEditor(HookedEditor):
         groups = torch.split(states, [len(rows) for rows in per_fact])
         return torch.stack([torch.nn.functional.normalize(g.mean(0), dim=-1) for g in groups]).cpu()
 
+    def _relation_keys(self, requests: Sequence[Fact], templates: list[list[str]]) -> torch.Tensor:
+        """(n, d_model) unit keys of what each edit asks: the centred state at the last token of its prompt
+        in every context, averaged, with the direction of the subject alone (the state at the last token of
+        the bare subject) projected out, so that the subject's other questions do not match on the subject
+        they share (AUC 0.82 against 0.67 with it kept, docs/subject_memory.md)."""
+        contexts = [context for group in templates for context in group]
+        rows = [encode(self.model, in_context(c, fact.template).replace("{}", fact.subject))
+                for fact in requests for c in contexts]
+        states = self._unit(self._states(rows, [len(r) - 1 for r in rows]))
+        asks = torch.stack([g.mean(0) for g in torch.split(states, len(contexts))])
+        bare = [encode(self.model, fact.subject) for fact in requests]
+        subject = self._unit(self._states(bare, [len(r) - 1 for r in bare]))
+        asks = asks - (asks * subject).sum(-1, keepdim=True) * subject
+        return torch.nn.functional.normalize(asks, dim=-1).cpu()
+
     def _threshold(self, key: torch.Tensor, subject: str) -> float:
         states, owners = self._calibration
         keep = torch.tensor([subject not in prompt for prompt in owners])
@@ -301,6 +348,7 @@ class SubjectMemoryEditor(HookedEditor):
         if self.keys is None:
             raise RuntimeError("nothing to save: the memory is empty")
         tensors = {"keys": self.keys.contiguous(), "deltas": self.deltas.contiguous(),
+                   "relation_keys": self.relation_keys.contiguous(),
                    "centre": self.centre.detach().cpu().contiguous()}
         meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "thresholds": self.thresholds,
                 "subjects": self.subjects, "spellings": [[list(s) for s in entry] for entry in self.spellings], "base_fingerprint": self.base_fingerprint,
@@ -316,6 +364,7 @@ class SubjectMemoryEditor(HookedEditor):
         settings["context_prefixes"] = tuple(settings["context_prefixes"])
         editor = cls(SubjectMemoryConfig(**settings))
         editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
+        editor.relation_keys = tensors.get("relation_keys")
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
         editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
         editor.spellings = [[tuple(s) for s in entry] for entry in meta["spellings"]]

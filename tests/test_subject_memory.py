@@ -96,3 +96,46 @@ def _last_logits_unedited(model, editor) -> torch.Tensor:
         return _last_logits(model, SHARED_TOKEN)
     finally:
         editor.attach(model)
+
+
+OTHER_RELATION = "San Diego was named after the saint"
+
+
+def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_llama, tmp_path):
+    """With ``relation_similarity`` an entry answers its own question about the subject, not another one;
+    right padding after a prompt does not count as a later position; the check survives save and load."""
+    from tracing.tokens import right_padded
+
+    prompts = (SAN_DIEGO.prompt, OTHER_RELATION)
+    before = {p: _last_logits(tiny_llama, p) for p in prompts}
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 relation_similarity=0.8)  # contexts "{}" only: the key is the prompt's last
+    # state less its subject direction (0.92 similar to the prompt's last state here, 0.32 at most for the other)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        after = {p: _last_logits(tiny_llama, p) for p in prompts}
+        assert (after[SAN_DIEGO.prompt] - before[SAN_DIEGO.prompt]).abs().max() > 1e-3
+        assert torch.equal(after[OTHER_RELATION], before[OTHER_RELATION])
+        assert [r.memory for r in editor.route(list(prompts))] == [0, None]
+        rows = [encode(tiny_llama, p) for p in (*prompts, ELSEWHERE + " and the rest of a longer text")]
+        with torch.no_grad():
+            batched = tiny_llama(right_padded(tiny_llama, rows))
+        for i, prompt in enumerate(prompts):
+            assert torch.allclose(batched[i, len(rows[i]) - 1], after[prompt], atol=1e-4)
+        path = editor.save(tmp_path / "memory.safetensors")
+    finally:
+        editor.undo()
+    without = SubjectMemoryEditor(SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(),
+                                                      subject_similarity=-1.0)).attach(tiny_llama)
+    try:
+        without.edit(SAN_DIEGO)  # no relation check: the δ reaches the other relation too
+        assert (_last_logits(tiny_llama, OTHER_RELATION) - before[OTHER_RELATION]).abs().max() > 1e-3
+    finally:
+        without.undo()
+    loaded = SubjectMemoryEditor.load(path, tiny_llama)
+    try:
+        assert torch.equal(_last_logits(tiny_llama, OTHER_RELATION), before[OTHER_RELATION])
+        assert torch.allclose(_last_logits(tiny_llama, SAN_DIEGO.prompt), after[SAN_DIEGO.prompt])
+    finally:
+        loaded.undo()
