@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args, result, steps: int) -> None:
-
     print(f"{args.model}, {result.n_facts} facts, {args.samples} samples, {args.corruption}, {args.metric}, "
           f"{torch.get_num_threads()} threads, AtP steps {steps}")
     print(f"CPU time: exact {result.exact_seconds:.1f} s, AtP {result.atp_seconds:.1f} s ({result.speedup:.0f}x)")

@@ -14,18 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tracing.placement import input_device
-from tracing.tokens import encode
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+from tracing.tokens import encode, pad_id
 
 
 def _left_padded_batches(model, prompts: Sequence[str], batch_size: int, show_progress: bool = False,
                          desc: str = "") -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor]]:
     """(encoded prompts, left-padded ids, attention mask) per batch of ``prompts``."""
     device = input_device(model)
-    pad = _pad_id(model.tokenizer)
+    pad = pad_id(model.tokenizer)
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
         encoded = [encode(model, p) for p in prompts[start: start + batch_size]]
@@ -45,7 +41,7 @@ def sample_continuations(model, prompts: Sequence[str], max_new_tokens: int, *, 
     """
     hf_model, tokenizer = model.original_model, model.tokenizer
     device = input_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     texts: list[str] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -77,7 +73,7 @@ def greedy_continuations(model, prompts: Sequence[str], max_new_tokens: Sequence
                                            _left_padded_batches(model, prompts, batch_size)):
         counts = max_new_tokens[start: start + len(encoded)]
         output = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(counts),
-                                   min_new_tokens=0, pad_token_id=_pad_id(tokenizer), eos_token_id=eos,
+                                   min_new_tokens=0, pad_token_id=pad_id(tokenizer), eos_token_id=eos,
                                    num_beams=1, temperature=None, top_k=None, top_p=None)
         for row, count in zip(output[:, ids.shape[1]:].tolist(), counts):
             row = row[:count]

@@ -18,7 +18,8 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   it adds its δ there (two edits of one subject in different relations add up, as in MEMIT).
   ``relation_similarity`` (off by default) adds a relation check: the entry answers only if some
   position *after* the subject (padding excluded) has a state at least that similar to the entry's
-  relation key, the centred state at the last token of its edit prompt over the context templates. The
+  relation key, the centred state at the last token of its edit prompt over the context templates with
+  the bare subject's direction projected out (padding: :func:`tracing.tokens.pad_id`, as batches use). The
   check reads later tokens (as WISE's router reads the whole prompt), so it keeps a δ written for one
   relation off the subject's other relations ("{subject} was born in" after "{subject}'s mother tongue").
   ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
@@ -61,7 +62,7 @@ from tracing.engine import require_full_forwards
 from tracing.facts import Fact
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.layer_set import critical_layers_for
-from tracing.tokens import encode
+from tracing.tokens import encode, pad_id
 
 FILE_KEY = "factlens_subject_memory"
 MATCHES = ("subject", "state")
@@ -131,7 +132,7 @@ class SubjectMemoryEditor(HookedEditor):
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
-        self.relation_keys: torch.Tensor | None = None  # (N, d_model), unit norm: the edit prompt's last token
+        self.relation_keys: torch.Tensor | None = None  # (N, d_model), unit norm: what each edit asks
         self.thresholds: list[float] = []  # the state gate's, per entry
         self.spellings: list[list[tuple[int, ...]]] = []  # token ids of each entry's subject
         self.subjects: list[str] = []
@@ -235,13 +236,9 @@ class SubjectMemoryEditor(HookedEditor):
         similarity = torch.einsum("mpd,md->mp", self._unit(states[rows]),
                                   self.relation_keys.to(states.device)[entries])
         index = torch.arange(states.shape[1], device=states.device)
-        later = (index[None, :] > positions[:, None]) & (tokens[rows] != self._pad_id())
+        later = (index[None, :] > positions[:, None]) & (tokens[rows] != pad_id(self.model.tokenizer))
         best = similarity.masked_fill(~later, -2.0).amax(-1)
         return (best >= self.config.relation_similarity) | ~later.any(-1)
-
-    def _pad_id(self) -> int:
-        tokenizer = self.model.tokenizer
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:

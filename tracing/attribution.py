@@ -55,8 +55,8 @@ def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool,
     """One forward of the clean prompts (one row per fact) or the corrupted ones (one row per sample of
     each fact), right-padded into one batch: per row the metric at its fact's last token, per fact the
     top-1 clean token, and the activations at ``names`` (rows, longest prompt, d); with ``grad`` they stay
-    in the graph for a backward. ``scale`` multiplies the corruption's noise. Right padding changes nothing: a causal model's positions never see the
-    padding after them."""
+    in the graph for a backward. ``scale`` multiplies the corruption's noise. Right padding changes
+    nothing: a causal model's positions never see the padding after them."""
     adapter = ModelAdapter.of(model)
     counts = [inputs.samples if corrupted else 1 for inputs in batch]
     firsts = np.cumsum([0] + counts[:-1]).tolist()

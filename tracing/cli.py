@@ -239,10 +239,12 @@ def check_trace_choices(args: argparse.Namespace) -> None:
     """Refuse combinations of the trace options that cannot work, before any model is loaded."""
     if args.atp_steps != 1 and args.trace_method != "atp":
         fail(f"--atp-steps {args.atp_steps} needs --method atp (exact tracing has no gradient to average)")
-    if args.atp_steps > 1 and getattr(args, "direction", "denoising") != "denoising":
-        fail("--atp-steps > 1 (integrated gradients) is defined for the denoising direction only")
-    if args.atp_steps < 1:
-        fail(f"--atp-steps must be >= 1, got {args.atp_steps}")
+    from tracing.attribution import check_steps  # the one definition of valid steps (imports torch)
+
+    try:
+        check_steps(args.atp_steps, getattr(args, "direction", "denoising"))
+    except ValueError as error:
+        fail(f"--atp-steps: {error}")
     if getattr(args, "noise", None) is not None and args.corruption != "gaussian":
         fail(f"--noise sets the Gaussian noise; it has no meaning with --corruption {args.corruption}")
 

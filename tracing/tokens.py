@@ -123,14 +123,18 @@ def token_strings(model, ids) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in ids]
 
 
+def pad_id(tokenizer) -> int:
+    """The token id batches are padded with: the tokenizer's pad token, else its end-of-text token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def right_padded(model, rows: Sequence[Sequence[int]]) -> torch.Tensor:
     """A (len(rows), max length) tensor, padded at the end.
 
     With causal attention a real token never attends to padding that comes after it, so every real
     position computes exactly what it would alone; no attention mask is needed.
     """
-    tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(model.tokenizer)
     width = max(len(r) for r in rows)
     device = input_device(model)
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)
