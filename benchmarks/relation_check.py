@@ -7,11 +7,12 @@ scored after all edits at every threshold, off included, with the lifelong bench
 the held-out facts, both also on the prompts naming no edited subject, and routed-and-answered.
 
     python benchmarks/relation_check.py [--edits 1000] [--thresholds off,0.3,0.35,0.4,0.45] [--autocast bfloat16]
-                                        [--memory PATH] [--threads 1]
+                                        [--relation-layer L] [--memory PATH] [--threads 1]
 
-``--memory``: where the stream's memory is saved every ten calls (atomically); run again, it goes on from
-there, and a finished memory is scored without editing again. One JSON object per threshold is appended
-to benchmarks/results/relation_check.jsonl.
+``--relation-layer``: the layer whose residual the check reads (default: the memory's). ``--memory``: where
+the stream's memory is saved every ten calls (atomically); run again, it goes on from there, and a finished
+memory is scored without editing again (its relation keys are made again if they belong to another relation
+layer). One JSON object per threshold is appended to benchmarks/results/relation_check.jsonl.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=parse_thresholds, default=parse_thresholds("off,0.3,0.35,0.4,0.45"))
     parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                         help="the δ optimisation under torch.autocast (editing.targets.TargetConfig)")
+    parser.add_argument("--relation-layer", type=int, default=None)
     parser.add_argument("--memory", default=None, help="save / resume the stream's memory here")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
@@ -46,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from editing.contexts import context_templates
     from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy
     from editing.protocol import batches
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
@@ -59,18 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("smollm2")
     pool, held_out = split_facts(0, 200)
     facts = pool[: args.edits]
-    config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast))
+    config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))
     memory = Path(args.memory) if args.memory else None
     if memory is not None and memory.exists():
-        editor = SubjectMemoryEditor.load(memory, model)
+        editor = SubjectMemoryEditor.load(memory)
         if editor.edited != facts[: len(editor.edited)]:
             raise SystemExit(f"{memory} holds another stream's edits")
-        # the relation keys depend only on the model and the facts: made again, so that a memory saved
-        # under an earlier definition of the key is scored under this one
-        templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
-        editor.relation_keys = editor._relation_keys(editor.edited, templates)
+        editor.config = dataclasses.replace(editor.config, relation_layer=args.relation_layer)
+        editor.attach(model)  # relation keys of another layer are made again here
         print(f"resuming at T = {len(editor.edited)} from {memory}", flush=True)
     else:
         editor = SubjectMemoryEditor(config).attach(model)
@@ -91,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             scored = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
-            row = {"method": "subject-memory", "relation_similarity": threshold, "T": len(facts),
+            row = {"method": "subject-memory", "relation_similarity": threshold,
+                   "relation_layer": editor.relation_layer, "T": len(facts),
                    "batch": args.batch, "protocol": "after_all", "facts": "counterfact-bundled", **scored,
                    "unrelated": agreement(model, *unedited["unrelated"]),
                    "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],

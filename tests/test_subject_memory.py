@@ -1,6 +1,9 @@
 """The subject memory's gate: an entry answers where a spelling of its subject ends (and its key matches),
 never on another subject that merely shares a token; the state gate alone cannot tell those apart."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
@@ -42,8 +45,9 @@ def test_the_subject_gate_answers_on_the_subject_and_not_on_a_shared_token(tiny_
     last_token = tiny_llama.tokenizer(" San Diego", add_special_tokens=False)["input_ids"][-1]
     assert last_token in encode(tiny_llama, SHARED_TOKEN)  # the shared token is really there
     before = {p: _last_logits(tiny_llama, p) for p in (ON_SUBJECT, SHARED_TOKEN, ELSEWHERE)}
-    # similarity -1: every key matches every state, so only the spelling decides
-    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0)
+    # similarity -1 and no relation check: every key matches every state, so only the spelling decides
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 relation_similarity=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
@@ -101,19 +105,24 @@ def _last_logits_unedited(model, editor) -> torch.Tensor:
 OTHER_RELATION = "San Diego was named after the saint"
 
 
-def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_llama, tmp_path):
+@pytest.mark.parametrize("relation_layer", [2, 3])
+def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_llama, tmp_path, relation_layer):
     """With ``relation_similarity`` an entry answers its own question about the subject, not another one;
-    right padding after a prompt does not count as a later position; the check survives save and load."""
+    right padding after a prompt does not count as a later position; the check survives save and load.
+    ``relation_layer`` 3 (the default on this 4-layer model): the hook at layer 2 runs the model on to layer 3
+    to read the relation."""
     from tracing.tokens import right_padded
 
     prompts = (SAN_DIEGO.prompt, OTHER_RELATION)
     before = {p: _last_logits(tiny_llama, p) for p in prompts}
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                 relation_similarity=0.8)  # contexts "{}" only: the key is the prompt's last
-    # state less its subject direction (0.92 similar to the prompt's last state here, 0.32 at most for the other)
+                                 relation_similarity=0.8, relation_layer=relation_layer)  # contexts "{}" only:
+    # the key is the prompt's last state less its subject direction (0.92 / 0.97 similar to the prompt's last
+    # state at layer 2 / 3, 0.32 / 0.29 at most for the other relation)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
+        assert editor.relation_layer == relation_layer
         after = {p: _last_logits(tiny_llama, p) for p in prompts}
         assert (after[SAN_DIEGO.prompt] - before[SAN_DIEGO.prompt]).abs().max() > 1e-3
         assert torch.equal(after[OTHER_RELATION], before[OTHER_RELATION])
@@ -126,8 +135,8 @@ def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_
         path = editor.save(tmp_path / "memory.safetensors")
     finally:
         editor.undo()
-    without = SubjectMemoryEditor(SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(),
-                                                      subject_similarity=-1.0)).attach(tiny_llama)
+    without = SubjectMemoryEditor(SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                                      relation_similarity=None)).attach(tiny_llama)
     try:
         without.edit(SAN_DIEGO)  # no relation check: the δ reaches the other relation too
         assert (_last_logits(tiny_llama, OTHER_RELATION) - before[OTHER_RELATION]).abs().max() > 1e-3
@@ -137,5 +146,35 @@ def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_
     try:
         assert torch.equal(_last_logits(tiny_llama, OTHER_RELATION), before[OTHER_RELATION])
         assert torch.allclose(_last_logits(tiny_llama, SAN_DIEGO.prompt), after[SAN_DIEGO.prompt])
+    finally:
+        loaded.undo()
+
+
+def test_a_relation_layer_before_the_memory_is_refused_and_another_one_remakes_the_keys(tiny_llama, tmp_path):
+    """The relation is read at the memory's layer or later; a memory saved with relation keys of one layer,
+    attached under a config naming another, makes them again there (the entries stay as they were)."""
+    with pytest.raises(ValueError, match="relation_layer must be in \\[2, 4\\)"):
+        SubjectMemoryEditor(SubjectMemoryConfig(layer=2, relation_layer=1)).attach(tiny_llama)
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), relation_layer=2)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        path = editor.save(tmp_path / "memory.safetensors")
+    finally:
+        editor.undo()
+    direct = SubjectMemoryEditor(dataclasses.replace(config, relation_layer=3)).attach(tiny_llama)
+    try:
+        direct.edit(SAN_DIEGO)
+    finally:
+        direct.undo()
+    loaded = SubjectMemoryEditor.load(path)
+    assert loaded.relation_layer == 2
+    loaded.config = dataclasses.replace(loaded.config, relation_layer=3)
+    loaded.attach(tiny_llama)
+    try:
+        assert loaded.relation_layer == 3
+        assert torch.allclose(loaded.relation_keys, direct.relation_keys, atol=1e-5)
+        assert not torch.allclose(loaded.relation_keys, editor.relation_keys, atol=1e-2)
+        assert torch.equal(loaded.deltas, editor.deltas)
     finally:
         loaded.undo()
