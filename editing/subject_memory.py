@@ -166,7 +166,6 @@ class SubjectMemoryEditor(HookedEditor):
 
     # --- attach / detach ------------------------------------------------------------------------------
     def attach(self, model) -> "SubjectMemoryEditor":
-
         if self.model is not None:
             raise RuntimeError("this editor is already attached; detach it first")
         layer = self.config.resolved_layer(model)
