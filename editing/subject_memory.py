@@ -148,7 +148,7 @@ class SubjectMemoryEditor(HookedEditor):
         self.layer: int | None = None
         self.base_fingerprint: str | None = None
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
-        self.relation_centre: torch.Tensor | None = None  # at a later relation layer: mean last-token state
+        self.relation_centre: torch.Tensor | None = None  # only at a later relation layer: mean last-token state
         self.relation_layer: int | None = None
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
@@ -210,16 +210,17 @@ class SubjectMemoryEditor(HookedEditor):
         if self.centre is None:
             self.centre = flat.mean(0)
         self._calibration = (self._unit(flat), owners)
-        if self.relation_centre is None and self.relation_layer == self.layer:
-            self.relation_centre = self.centre
-        elif self.relation_centre is None:  # the prompts' last tokens: at late layers position 0 (the attention
-            # sink) is ~50x the norm of other states and would dominate a mean over all positions
+        if self.relation_layer != self.layer and self.relation_centre is None:  # the prompts' last tokens: at
+            # late layers position 0 (the attention sink) is ~50x the norm of other states and would dominate a
+            # mean over all positions
             self.relation_centre = self._states(rows, [len(r) - 1 for r in rows], layer=self.relation_layer).mean(0)
 
     def _unit(self, states: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states.float() - self.centre.to(states.device), dim=-1)
 
     def _relation_unit(self, states: torch.Tensor) -> torch.Tensor:
+        if self.relation_layer == self.layer:
+            return self._unit(states)
         return torch.nn.functional.normalize(states.float() - self.relation_centre.to(states.device), dim=-1)
 
     # --- the hooks ------------------------------------------------------------------------------------
@@ -423,8 +424,7 @@ class SubjectMemoryEditor(HookedEditor):
         editor.relation_keys = tensors.get("relation_keys")
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
         editor.relation_layer = meta.get("relation_layer", meta["layer"])  # older files: the memory's layer
-        same_layer = editor.relation_layer == editor.layer
-        editor.relation_centre = tensors.get("relation_centre", editor.centre if same_layer else None)
+        editor.relation_centre = tensors.get("relation_centre")
         editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
         editor.spellings = [[tuple(s) for s in entry] for entry in meta["spellings"]]
         editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]
