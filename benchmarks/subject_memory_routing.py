@@ -1,7 +1,9 @@
 """Which prompts the subject memory's entries would answer on, for T edits, without editing anything.
 
 Routing depends only on the keys, the thresholds and (under ``match="subject"``) the subjects' spellings,
-not on the values δ, so this measures it for T = 1000 in minutes instead of the hour the edits take:
+not on the values δ, so this measures it for T = 1000 in minutes instead of the hour the edits take. It
+measures the subject gates without the relation check (``relation_similarity=None``; the check's effect
+is scored by ``benchmarks/relation_check.py``):
 
 * ``own_prompt`` / ``own_paraphrase``: share of the edit prompts / paraphrases where the fact's own entry
   answers (what reliability and generalization need);
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     subjects = sorted({f.subject for f in facts})
     started = time.perf_counter()
     for match in ("state", "subject"):
-        editor = SubjectMemoryEditor(SubjectMemoryConfig(match=match)).attach(model)
+        # the subject gates alone, as measured before the relation check (benchmarks/relation_check.py)
+        editor = SubjectMemoryEditor(SubjectMemoryConfig(match=match, relation_similarity=None)).attach(model)
         config = editor.config
         templates = context_templates(model, config.context_prefixes, config.context_length, config.seed)
         contexts = [c for group in templates for c in group]
