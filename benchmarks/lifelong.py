@@ -80,6 +80,19 @@ def split_facts(seed: int, held_out: int, source: str = BUNDLED) -> tuple[list, 
     return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
 
 
+def embedded_stream(edits: int, threads: int | None = None) -> tuple[Any, list, list]:
+    """The embedded model, the first ``edits`` facts of the bundled stream and the held-out facts, as every
+    lifelong run here takes them (``split_facts(0, 200)``); ``threads`` sets torch's thread count first."""
+    import torch
+
+    from tracing.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    pool, held_out = split_facts(0, 200)
+    return load_model("smollm2"), pool[:edits], held_out
+
+
 def default_config(name: str, overrides: dict[str, Any]):
     """The method's config with the benchmark's defaults (MEMIT: λ 1500, quiet) and ``overrides``."""
     from editing.editor import method

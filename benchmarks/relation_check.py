@@ -52,14 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from editing.protocol import batches
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
     from editing.targets import TargetConfig
-    from lifelong import _unedited, _weighted, routing_shares, split_facts
-    from tracing.models import load_model
+    from lifelong import _unedited, _weighted, embedded_stream, routing_shares
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model("smollm2")
-    pool, held_out = split_facts(0, 200)
-    facts = pool[: args.edits]
+    model, facts, held_out = embedded_stream(args.edits, args.threads)
     config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))

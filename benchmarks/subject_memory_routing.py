@@ -42,15 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from editing.evaluate import locality_pairs
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
     from editing.subject_spellings import SpellingIndex, subject_spellings
-    from lifelong import names_any, split_facts
-    from tracing.models import load_model
+    from lifelong import embedded_stream, names_any
     from tracing.tokens import encode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model("smollm2")
-    pool, held_out = split_facts(0, 200)
-    facts = pool[: args.edits]
+    model, facts, held_out = embedded_stream(args.edits, args.threads)
     subjects = sorted({f.subject for f in facts})
     started = time.perf_counter()
     for match in ("state", "subject"):

@@ -24,8 +24,7 @@ import torch
 from editing.cli import config_override
 from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy, locality_pairs
 from editing.wise import WiseConfig, WiseEditor
-from lifelong import split_facts
-from tracing.models import load_model
+from lifelong import embedded_stream
 
 OUT = Path(__file__).parent / "results" / "wise_routing.jsonl"
 BENCHMARK = dict(n_iter=30, edit_lr=2.0, corrupted_samples=8)
@@ -41,10 +40,7 @@ def main() -> None:
     name, t = args[0], int(args[1])
     overrides = dict(config_override(a) for a in args[2:])  # FIELD=VALUE, a Python literal as everywhere
     batch = overrides.pop("batch", 10)
-    torch.set_num_threads(overrides.pop("threads", 1))
-    model = load_model("smollm2")
-    pool, held_out = split_facts(0, 200)
-    facts = pool[:t]
+    model, facts, held_out = embedded_stream(t, overrides.pop("threads", 1))
     loc = locality_pairs(facts)
     unrelated = [(f.prompt, f.target_true) for f in held_out]
     loc_baseline, unrelated_baseline = argmax_predictions(model, loc), argmax_predictions(model, unrelated)
