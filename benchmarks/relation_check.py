@@ -1,15 +1,19 @@
-"""The subject memory's relation check: Rel / Gen against Loc / Unrel as ``relation_similarity`` varies.
+"""The relation check (``relation_similarity``) of the subject memory or of WISE's subject gate: Rel / Gen
+against Loc / Unrel as the threshold varies.
 
-The check only decides where an entry answers; the entries (keys, δ) do not depend on it. So one stream of
+The check only decides where an edit answers; what the edits wrote (the subject memory's keys and δ, WISE's
+side memories) does not depend on it. So one stream of
 T edits (calls of ``--batch``, as ``benchmarks/lifelong.py`` makes them, the same facts) is made once and
 scored after all edits at every threshold, off included, with the lifelong benchmark's metrics: Rel / Gen
 / Loc (teacher-forced, Loc against the unedited model's answers recorded before the first edit), Unrel on
 the held-out facts, both also on the prompts naming no edited subject, and routed-and-answered.
 
-    python benchmarks/relation_check.py [--edits 1000] [--thresholds off,0.3,0.35,0.4,0.45] [--autocast bfloat16]
-                                        [--relation-layer L] [--memory PATH] [--threads 1]
+    python benchmarks/relation_check.py [--method subject-memory|wise] [--edits 1000] [--thresholds off,0.3,0.5]
+                                        [--autocast bfloat16] [--relation-layer L] [--memory PATH] [--threads 1]
 
-``--relation-layer``: the layer whose residual the check reads (default: the memory's). ``--memory``: where
+``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
+the subject memory's δ optimisation. ``--relation-layer``: the layer whose residual the check reads
+(default: the method's, 0.8 of the depth; for WISE before its side layer). ``--memory``: where
 the stream's memory is saved every ten calls (atomically); run again, it goes on from there, and a finished
 memory is scored without editing again (its relation keys are made again if they belong to another relation
 layer). One JSON object per threshold is appended to benchmarks/results/relation_check.jsonl.
@@ -35,6 +39,7 @@ def parse_thresholds(text: str) -> list[float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=("subject-memory", "wise"), default="subject-memory")
     parser.add_argument("--edits", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--thresholds", type=parse_thresholds, default=parse_thresholds("off,0.3,0.35,0.4,0.45"))
@@ -52,46 +57,55 @@ def main(argv: list[str] | None = None) -> int:
     from editing.protocol import batches
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
     from editing.targets import TargetConfig
+    from editing.wise import WiseConfig, WiseEditor
     from lifelong import _unedited, _weighted, embedded_stream, routing_shares
 
     model, facts, held_out = embedded_stream(args.edits, args.threads)
-    config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
+    if args.method == "wise":
+        editor_class, config = WiseEditor, WiseConfig(relation_layer=args.relation_layer)
+    else:
+        editor_class = SubjectMemoryEditor
+        config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))
     memory = Path(args.memory) if args.memory else None
     if memory is not None and memory.exists():
-        editor = SubjectMemoryEditor.load(memory)
-        if editor.edited != facts[: len(editor.edited)]:
+        editor = editor_class.load(memory)
+        if editor.facts != facts[: len(editor.facts)]:
             raise SystemExit(f"{memory} holds another stream's edits")
         editor.config = dataclasses.replace(editor.config, relation_layer=args.relation_layer)
         editor.attach(model)  # relation keys of another layer are made again here
-        print(f"resuming at T = {len(editor.edited)} from {memory}", flush=True)
+        print(f"resuming at T = {len(editor.facts)} from {memory}", flush=True)
     else:
-        editor = SubjectMemoryEditor(config).attach(model)
+        editor = editor_class(config).attach(model)
     started, calls = time.perf_counter(), batches(facts, args.batch)
     try:
         for n, call in enumerate(calls):
-            if sum(len(c) for c in calls[: n + 1]) <= len(editor.edited):
+            if sum(len(c) for c in calls[: n + 1]) <= len(editor.facts):
                 continue
             editor.edit(call)
-            done = len(editor.edited)
+            done = len(editor.facts)
             if memory is not None and ((n + 1) % 10 == 0 or done == len(facts)):
                 editor.save(memory)
             print(f"T = {done}: {time.perf_counter() - started:.0f} s", flush=True)
         seconds = time.perf_counter() - started
         for threshold in args.thresholds:
+            editor.detach()  # WISE makes its relation keys when attached under a config that checks
             editor.config = dataclasses.replace(editor.config, relation_similarity=threshold)
+            editor.attach(model)
             began = time.perf_counter()
             scored = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
-            row = {"method": "subject-memory", "relation_similarity": threshold,
-                   "relation_layer": editor.relation_layer, "T": len(facts),
+            row = {"method": args.method, "relation_similarity": threshold,
+                   "relation_layer": (editor.relation_layer if args.method == "subject-memory" else
+                                      editor.config.resolved_relation_layer(len(model.blocks))), "T": len(facts),
                    "batch": args.batch, "protocol": "after_all", "facts": "counterfact-bundled", **scored,
                    "unrelated": agreement(model, *unedited["unrelated"]),
                    "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],
                    **routing_shares(model, editor, facts), "edit_seconds_this_run": seconds,
-                   "score_seconds": time.perf_counter() - began, "autocast": args.autocast,
+                   "score_seconds": time.perf_counter() - began,
+                   "autocast": args.autocast if args.method == "subject-memory" else None,
                    "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -56,6 +56,7 @@ from editing.editor import HookedEditor, Route, as_facts
 from editing.memit import MemitConfig, current_outputs
 from editing.other_relations import other_relation_templates
 from editing.prompts import in_context, subject_row
+from editing.relation_keys import RelationKeys, default_relation_layer, later_best, unedited_states
 from editing.requests import validate_requests
 from editing.subject_spellings import SpellingIndex, subject_spellings
 from editing.targets import TargetConfig, compute_targets
@@ -65,14 +66,13 @@ from tracing.adapter import ModelAdapter
 from tracing.candidates import unused_fact_prompts
 from tracing.engine import require_full_forwards
 from tracing.facts import Fact
-from tracing.hooks import add_permanent_hooks, hooks_suspended
+from tracing.hooks import add_permanent_hooks
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.layer_set import critical_layers_for
 from tracing.tokens import encode, pad_id
 
 FILE_KEY = "factlens_subject_memory"
 MATCHES = ("subject", "state")
-RELATION_DEPTH = 0.8  # where the relation check reads by default: layer 24 of SmolLM2's 30 (docs/subject_memory.md)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class SubjectMemoryConfig:
     calibration: int = 256  # held-out fact prompts whose positions set the thresholds
     other_relations: int = 0  # per edit: prompts about its subject in other relations whose answers δ keeps
     relation_similarity: float | None = 0.5  # a later position must be this similar to the relation key
-    relation_layer: int | None = None  # the residual the check reads (None: RELATION_DEPTH of the model, >= layer)
+    relation_layer: int | None = None  # the residual the check reads (None: 0.8 of the depth, >= layer)
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
     context_length: int = MemitConfig.context_length
@@ -119,7 +119,7 @@ class SubjectMemoryConfig:
         layer = self.resolved_layer(model)
         n_layers = ModelAdapter.of(model).n_layers
         if self.relation_layer is None:
-            return max(layer, int(RELATION_DEPTH * n_layers))
+            return max(layer, default_relation_layer(n_layers))
         if not layer <= self.relation_layer < n_layers:
             raise ValueError(f"relation_layer must be in [{layer}, {n_layers}) (the memory's layer or later), "
                              f"got {self.relation_layer}")
@@ -148,11 +148,10 @@ class SubjectMemoryEditor(HookedEditor):
         self.layer: int | None = None
         self.base_fingerprint: str | None = None
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
-        self.relation_centre: torch.Tensor | None = None  # only at a later relation layer: mean last-token state
+        self.relation: RelationKeys | None = None  # what each edit asks, at the relation layer
         self.relation_layer: int | None = None
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
-        self.relation_keys: torch.Tensor | None = None  # (N, d_model), unit norm: what each edit asks
         self.thresholds: list[float] = []  # the state gate's, per entry
         self.spellings: list[list[tuple[int, ...]]] = []  # token ids of each entry's subject
         self.subjects: list[str] = []
@@ -176,16 +175,16 @@ class SubjectMemoryEditor(HookedEditor):
             raise ValueError(f"the layer-{layer} weights differ from the ones this memory was made for")
         relation_layer = self.config.resolved_relation_layer(model)
         self.layer, self.base_fingerprint, self.model = layer, fingerprint, model
-        stale = self.relation_layer is not None and relation_layer != self.relation_layer
+        stale = self.relation is not None and relation_layer != self.relation.layer
         self.relation_layer = relation_layer
-        if stale:
-            self.relation_centre = None
+        if stale:  # a memory saved under another relation layer: its keys are made again below
+            self.relation = None
         self._calibrate(model)
         self._index = SpellingIndex(self.spellings)
         self._handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
                                                     (ModelAdapter.resid_out(layer), self._answer)])
         require_full_forwards(model, self.method, self.config.match == "subject")
-        if self.edited and (stale or self.relation_keys is None):  # a memory saved under another relation layer
+        if self.edited and len(self.relation) != len(self.edited):
             self._remake_relation_keys()
         return self
 
@@ -210,18 +209,18 @@ class SubjectMemoryEditor(HookedEditor):
         if self.centre is None:
             self.centre = flat.mean(0)
         self._calibration = (self._unit(flat), owners)
-        if self.relation_layer != self.layer and self.relation_centre is None:  # the prompts' last tokens: at
-            # late layers position 0 (the attention sink) is ~50x the norm of other states and would dominate a
-            # mean over all positions
-            self.relation_centre = self._states(rows, [len(r) - 1 for r in rows], layer=self.relation_layer).mean(0)
+        if self.relation is None:  # at a later layer centred on the prompts' last tokens (editing.relation_keys)
+            centre = (self.centre if self.relation_layer == self.layer else
+                      self._states(rows, [len(r) - 1 for r in rows], layer=self.relation_layer).mean(0))
+            self.relation = RelationKeys(self.relation_layer, centre)
 
     def _unit(self, states: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states.float() - self.centre.to(states.device), dim=-1)
 
-    def _relation_unit(self, states: torch.Tensor) -> torch.Tensor:
-        if self.relation_layer == self.layer:
-            return self._unit(states)
-        return torch.nn.functional.normalize(states.float() - self.relation_centre.to(states.device), dim=-1)
+    @property
+    def relation_keys(self) -> torch.Tensor | None:
+        """(N, d_model) unit keys of what each edit asks (:mod:`editing.relation_keys`)."""
+        return None if self.relation is None else self.relation.keys
 
     # --- the hooks ------------------------------------------------------------------------------------
     def _keep_tokens(self, tokens: torch.Tensor, hook) -> None:
@@ -265,7 +264,7 @@ class SubjectMemoryEditor(HookedEditor):
         """Per match: whether a real (non-padding) position after the subject is at least
         ``relation_similarity`` similar to the entry's relation key. A subject at the end of the text
         (nothing asked yet) passes."""
-        if self.relation_keys is None or len(self.relation_keys) != len(self.keys):
+        if self.relation is None or len(self.relation) != len(self.keys):
             raise RuntimeError("this memory has no relation keys")
         if self.relation_layer == self.layer:
             relation_states = states[rows]
@@ -273,12 +272,9 @@ class SubjectMemoryEditor(HookedEditor):
             unique, inverse = torch.unique(rows, return_inverse=True)
             deep = self._states(tokens[unique].tolist(), layer=self.relation_layer).to(states.device)
             relation_states = deep[inverse]
-        similarity = torch.einsum("mpd,md->mp", self._relation_unit(relation_states),
-                                  self.relation_keys.to(states.device)[entries])
-        index = torch.arange(states.shape[1], device=states.device)
-        later = (index[None, :] > positions[:, None]) & (tokens[rows] != pad_id(self.model.tokenizer))
-        best = similarity.masked_fill(~later, -2.0).amax(-1)
-        return (best >= self.config.relation_similarity) | ~later.any(-1)
+        similarity = self.relation.similarity(relation_states, entries)
+        best = later_best(similarity, positions, tokens[rows] != pad_id(self.model.tokenizer))
+        return (best >= self.config.relation_similarity) | (best < -1.5)  # -2: nothing after the subject
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:
@@ -300,11 +296,9 @@ class SubjectMemoryEditor(HookedEditor):
                 layer: int | None = None) -> torch.Tensor:
         """The residual after ``layer`` (None: the memory's) as the unedited model computes it: the memory
         switched off; at another layer (the relation layer) with every hook of the model suspended, so that
-        the same states come out from inside a hook of an enclosing forward (:func:`hooks_suspended`)."""
+        the same states come out from inside a hook of an enclosing forward (:func:`editing.relation_keys.unedited_states`)."""
         if layer is not None and layer != self.layer:
-            with hooks_suspended(self.model):
-                return activations_at(self.model, rows, ModelAdapter.resid_out(layer), layer + 1,
-                                      positions=positions, batch_size=64)
+            return unedited_states(self.model, rows, layer, positions)
         self._active = False
         try:
             return activations_at(self.model, rows, ModelAdapter.resid_out(self.layer), self.layer + 1,
@@ -340,8 +334,7 @@ class SubjectMemoryEditor(HookedEditor):
         start = 0 if self.keys is None else len(self.keys)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.deltas = deltas if self.deltas is None else torch.cat([self.deltas, deltas])
-        self.relation_keys = (relation_keys if self.relation_keys is None
-                              else torch.cat([self.relation_keys, relation_keys]))
+        self.relation.add(relation_keys)
         self.thresholds += thresholds
         self.spellings += spellings
         self._index = SpellingIndex(self.spellings)
@@ -366,21 +359,12 @@ class SubjectMemoryEditor(HookedEditor):
         return torch.stack([torch.nn.functional.normalize(g.mean(0), dim=-1) for g in groups]).cpu()
 
     def _relation_keys(self, requests: Sequence[Fact], templates: list[list[str]]) -> torch.Tensor:
-        """(n, d_model) unit keys of what each edit asks, at the relation layer: the centred state at the
-        last token of its prompt in every context, averaged, with the direction of the subject alone (the
-        state at the last token of the bare subject) projected out, so that the subject's other questions do
-        not match on the subject they share (at layer 5: AUC 0.82 against 0.67 with it kept;
-        docs/subject_memory.md)."""
+        """(n, d_model) unit keys of what each edit asks, at the relation layer, over every context
+        (:meth:`editing.relation_keys.RelationKeys.make`; with the subject's direction projected out: at
+        layer 5 AUC 0.82 against 0.67 with it kept, docs/subject_memory.md)."""
         contexts = [context for group in templates for context in group]
-        rows = [encode(self.model, in_context(c, fact.template).replace("{}", fact.subject))
-                for fact in requests for c in contexts]
-        layer = self.relation_layer
-        states = self._relation_unit(self._states(rows, [len(r) - 1 for r in rows], layer=layer))
-        asks = torch.stack([g.mean(0) for g in torch.split(states, len(contexts))])
-        bare = [encode(self.model, fact.subject) for fact in requests]
-        subject = self._relation_unit(self._states(bare, [len(r) - 1 for r in bare], layer=layer))
-        asks = asks - (asks * subject).sum(-1, keepdim=True) * subject
-        return torch.nn.functional.normalize(asks, dim=-1).cpu()
+        return self.relation.make(self.model, requests, contexts,
+                                  states=lambda rows, positions: self._states(rows, positions, layer=self.relation_layer))
 
     def _remake_relation_keys(self) -> None:
         """The relation keys of every entry, made again at the current relation layer (attaching a memory
@@ -388,7 +372,7 @@ class SubjectMemoryEditor(HookedEditor):
         check only decides where they answer."""
         config = self.config
         templates = context_templates(self.model, config.context_prefixes, config.context_length, config.seed)
-        self.relation_keys = self._relation_keys(self.edited, templates)
+        self.relation.keys = self._relation_keys(self.edited, templates)
 
     def _threshold(self, key: torch.Tensor, subject: str) -> float:
         states, owners = self._calibration
@@ -402,10 +386,10 @@ class SubjectMemoryEditor(HookedEditor):
         if self.keys is None:
             raise RuntimeError("nothing to save: the memory is empty")
         tensors = {"keys": self.keys.contiguous(), "deltas": self.deltas.contiguous(),
-                   "relation_keys": self.relation_keys.contiguous(),
+                   "relation_keys": self.relation.keys.contiguous(),
                    "centre": self.centre.detach().cpu().contiguous()}
         if self.relation_layer != self.layer:
-            tensors["relation_centre"] = self.relation_centre.detach().cpu().contiguous()
+            tensors["relation_centre"] = self.relation.centre.contiguous()
         meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "thresholds": self.thresholds,
                 "relation_layer": self.relation_layer, "subjects": self.subjects,
                 "spellings": [[list(s) for s in entry] for entry in self.spellings],
@@ -421,10 +405,11 @@ class SubjectMemoryEditor(HookedEditor):
         settings["context_prefixes"] = tuple(settings["context_prefixes"])
         editor = cls(SubjectMemoryConfig(**settings))
         editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
-        editor.relation_keys = tensors.get("relation_keys")
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
         editor.relation_layer = meta.get("relation_layer", meta["layer"])  # older files: the memory's layer
-        editor.relation_centre = tensors.get("relation_centre")
+        centre = tensors["centre"] if editor.relation_layer == editor.layer else tensors.get("relation_centre")
+        if centre is not None and "relation_keys" in tensors:  # older files: made again when attached
+            editor.relation = RelationKeys(editor.relation_layer, centre, tensors["relation_keys"])
         editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
         editor.spellings = [[tuple(s) for s in entry] for entry in meta["spellings"]]
         editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from editing.relation_keys import default_relation_layer
 from editing.side_layer import default_layer
 
 SCORES = ("max", "mean")
@@ -87,6 +88,8 @@ class WiseConfig:
     weight_decay: float = 1e-5  # SGD weight decay on the side weight W + Δ, every entry (EasyEdit's)
     bare_contexts: bool = False  # the context prefixes without a prompt are unrelated rows
     route_match: str = "subject"  # only prompts spelling a subject edited into a memory may reach it; "any"
+    relation_similarity: float | None = None  # and a later position asks the edit's relation this clearly
+    relation_layer: int | None = None  # the residual the relation check reads (None: 0.8 of the depth, < layer)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,9 +113,24 @@ class WiseConfig:
             raise ValueError(f"route_match must be one of {ROUTE_MATCHES}, not {self.route_match!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
+        if self.relation_similarity is not None:
+            if not -1.0 <= self.relation_similarity <= 1.0:
+                raise ValueError(f"relation_similarity must be in [-1, 1], not {self.relation_similarity}")
+            if self.route_match != "subject":
+                raise ValueError("the relation check narrows the subject gate: it needs route_match='subject'")
 
     def resolved_layer(self, n_layers: int) -> int:
         layer = default_layer(n_layers) if self.layer is None else self.layer
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
         return layer
+
+    def resolved_relation_layer(self, n_layers: int) -> int:
+        """The relation check reads the residual after this block, in the same forward as the side layer's
+        routing: so before the side layer."""
+        layer = self.resolved_layer(n_layers)
+        if self.relation_layer is None:
+            return max(0, min(default_relation_layer(n_layers), layer - 1))
+        if not 0 <= self.relation_layer < layer:
+            raise ValueError(f"relation_layer must be in [0, {layer}) (before the side layer), got {self.relation_layer}")
+        return self.relation_layer

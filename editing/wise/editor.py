@@ -21,6 +21,7 @@ import torch
 from editing.contexts import context_templates
 from editing.editor import Editor, as_facts
 from editing.prompts import in_context, subject_row
+from editing.relation_keys import RelationKeys, running_best, unedited_states
 from editing.requests import validate_requests
 from editing.subject_spellings import subject_spellings
 from editing.targets import frozen_weights
@@ -39,7 +40,7 @@ from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
 from tracing.blocks import BlockCalls, logits_of, record_rows, replay_later_blocks
 from tracing.engine import require_full_forwards
-from tracing.candidates import relation_subjects, relation_templates
+from tracing.candidates import relation_subjects, relation_templates, unused_fact_prompts
 from tracing.facts import SLOT, Fact, encode_fact, evaluated_prompts
 from tracing.hooks import add_permanent_hooks, remove_hooks
 from tracing.io import load_tensors, save_tensors_atomic
@@ -47,6 +48,9 @@ from tracing.models import model_spec
 from tracing.noise import default_noise_std, sample_noise
 from tracing.state import state_of
 from tracing.tokens import encode, right_padded, target_token_ids
+
+
+RELATION_CENTRE_PROMPTS = 256  # held-out fact prompts whose last-token mean centres the relation keys
 
 
 @dataclass
@@ -153,6 +157,10 @@ class WiseEditor(Editor):
         self._reserved: set[str] = set()  # prompts never trained on: evaluations' and the calibration's
         self._calibration_rows: list[list[int]] = []  # token ids of calibration_prompts
         self.common: torch.Tensor | None = None  # (d_mlp, r) orthonormal directions shared by generic keys
+        self.relation: RelationKeys | None = None  # the relation check's keys (relation_similarity set)
+        self._relation_states: torch.Tensor | None = None  # the relation layer's residual, forward in progress
+        self._relation_history: torch.Tensor | None = None  # ... of the rows so far (KV-cached continuation)
+        self._calibration_relation: torch.Tensor | None = None  # ... of the calibration rows
 
     # --- inspection ---------------------------------------------------------------------------------
     @property
@@ -188,7 +196,12 @@ class WiseEditor(Editor):
     @property
     def calibrator(self) -> FloorCalibrator:
         """Sets the memories' threshold floors from this editor's calibration prompts, under its config."""
-        eligible = self._subject_gate().reaches(self._calibration_rows) if self._gated else None
+        eligible = None
+        if self._gated:
+            if self.relation is not None and self._calibration_relation is None and self._calibration_rows:
+                self._calibration_relation = unedited_states(self.model, self._calibration_rows, self.relation.layer)
+            passes = self._relation_passes(self._calibration_relation)
+            eligible = self._subject_gate().reaches(self._calibration_rows, passes)
         return FloorCalibrator(self.calibration_prompts or [], self._calibration, self.relations, self.config,
                                eligible)
 
@@ -211,7 +224,10 @@ class WiseEditor(Editor):
             return [Routing(p, None, [], []) for p in prompts]
         rows = [encode(model, p) for p in prompts]
         keys = self._keys(model, rows)
-        gate = self._subject_gate().eligible(rows, keys.shape[1], keys.device) if self._gated else None
+        gate = None
+        if self._gated:
+            states = unedited_states(model, rows, self.relation.layer) if self.relation is not None else None
+            gate = self._subject_gate().eligible(rows, keys.shape[1], keys.device, self._relation_passes(states))
         statistic, choice, _, _ = decide(keys, valid_mask(rows, keys.device), *self._routing_table(),
                                          self.config.score, choose=self.config.choose, gate=gate)
         index, last = torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])
@@ -244,6 +260,7 @@ class WiseEditor(Editor):
         self._prepare_rows(model)  # samples text, so before any routing hook is in place
         self.spellings += [subject_spellings(model, fact, self._contexts)  # a file saved without them
                            for fact in self.requests[len(self.spellings):]]
+        self._prepare_relation(model, adapter.n_layers)
         self._install(model)
         return self
 
@@ -258,6 +275,7 @@ class WiseEditor(Editor):
         require_full_forwards(model, "wise", False)
         self.model, self._call, self._carry, self._key = None, None, None, None
         self._tokens, self._history, self._gate = None, None, None
+        self._relation_states, self._relation_history, self._calibration_relation = None, None, None
 
     def undo(self) -> None:
         """The unedited model again (:meth:`detach`; the memories stay in this object)."""
@@ -266,9 +284,11 @@ class WiseEditor(Editor):
 
     def _install(self, model) -> None:
         """Permanent hooks (they survive ``model.reset_hooks()``), first in line at their hook points."""
-        self._hook_handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
-                                                         (ModelAdapter.mlp_key(self.layer), self._keep_key),
-                                                         (ModelAdapter.mlp_value(self.layer), self._route_output)])
+        hooks = [(ModelAdapter.token_ids, self._keep_tokens), (ModelAdapter.mlp_key(self.layer), self._keep_key),
+                 (ModelAdapter.mlp_value(self.layer), self._route_output)]
+        if self.relation is not None:
+            hooks.append((ModelAdapter.resid_out(self.relation.layer), self._keep_relation_states))
+        self._hook_handles = add_permanent_hooks(model, hooks)
         hf_model = model.original_model
         self._call_handles = [hf_model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                               hf_model.register_forward_hook(self._end_call)]
@@ -296,23 +316,29 @@ class WiseEditor(Editor):
     def _keep_key(self, key: torch.Tensor, hook) -> None:
         self._key = key
 
+    def _keep_relation_states(self, states: torch.Tensor, hook) -> None:
+        self._relation_states = states
+
     def _route_output(self, value: torch.Tensor, hook) -> torch.Tensor | None:
         key, self._key = self._key, None
         tokens, self._tokens = self._tokens, None  # read once: a later call without embedding gets none
+        states, self._relation_states = self._relation_states, None
         if not self._routing_on or key is None or not self.memories:
             return None
         key = self._specific(key)
         call = self._call or _Call(None, 0)
         fits = self._carry is not None and tuple(self._carry.shape[1:]) == (len(self.memories), key.shape[0])
         carry = self._carry if call.past > 0 and fits else None
-        gate = self._gate_of_call(tokens, key, call) if self._gated else None
+        gate = self._gate_of_call(tokens, states, key, call) if self._gated else None
         _, choice, change, self._carry = decide(key, real_positions(call.mask, key), *self._routing_table(),
                                                 self.config.score, carry, self.config.choose, gate)
         return routed_output(value, choice, change)
 
-    def _gate_of_call(self, tokens: torch.Tensor | None, key: torch.Tensor, call: _Call) -> torch.Tensor:
-        """The subject gate (memories, b, s) at this call's positions. A KV-cached call continues the token
-        rows of the calls before it (a spelling may straddle the two); a call whose token ids were not seen
+    def _gate_of_call(self, tokens: torch.Tensor | None, states: torch.Tensor | None, key: torch.Tensor,
+                      call: _Call) -> torch.Tensor:
+        """The subject gate (memories, b, s) at this call's positions; ``states``: the relation layer's
+        residual in this call (the relation check). A KV-cached call continues the token rows (and states)
+        of the calls before it (a spelling may straddle the two); a call whose token ids were not seen
         (states fed to a block directly) reaches no memory."""
         batch, length = key.shape[:2]
         if tokens is None or tuple(tokens.shape) != (batch, length):
@@ -321,8 +347,43 @@ class WiseEditor(Editor):
         history = self._history
         if call.past > 0 and history is not None and tuple(history.shape) == (batch, call.past):
             tokens = torch.cat([history, tokens.to(history.device)], 1)
-        self._history = tokens
-        return self._subject_gate().eligible(tokens.tolist(), device=key.device)[..., -length:]
+            if states is not None and self._relation_history is not None:
+                states = torch.cat([self._relation_history, states.to(self._relation_history.device)], 1)
+        self._history, self._relation_history = tokens, states
+        if self.relation is not None and (states is None or states.shape[1] != tokens.shape[1]):
+            return torch.zeros(len(self.memories), batch, length, dtype=torch.bool, device=key.device)
+        passes = self._relation_passes(states)
+        return self._subject_gate().eligible(tokens.tolist(), device=key.device, passes=passes)[..., -length:]
+
+    def _relation_passes(self, states: torch.Tensor | None):
+        """The relation check over rows whose residual at the relation layer is ``states`` (rows, width,
+        d_model): a match may answer from the first later position at least ``relation_similarity`` similar
+        to its edit's relation key (:func:`editing.relation_keys.running_best`). None when it is off."""
+        if self.relation is None:
+            return None
+        threshold = self.config.relation_similarity
+
+        def passes(rows: torch.Tensor, positions: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+            device = states.device
+            similarity = self.relation.similarity(states[rows.to(device)], edits.to(device))
+            return running_best(similarity, positions.to(device)) >= threshold
+
+        return passes
+
+    @torch.no_grad()
+    def _prepare_relation(self, model, n_layers: int) -> None:
+        """The relation check's centre and keys at the configured layer (made again for every edit when a
+        file brings none, or keys of another layer)."""
+        if self.config.relation_similarity is None:
+            self.relation = None
+            return
+        layer = self.config.resolved_relation_layer(n_layers)
+        if self.relation is None or self.relation.layer != layer:
+            prompts = unused_fact_prompts()
+            random.Random(self.config.seed).shuffle(prompts)
+            self.relation = RelationKeys.calibrated(model, layer, prompts[:RELATION_CENTRE_PROMPTS])
+        if len(self.relation) != len(self.requests):
+            self.relation.keys = self.relation.make(model, self.requests, self._contexts) if self.requests else None
 
     def _routing_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The memories' stacked deltas and thresholds (rebuilt after every edit)."""
@@ -357,6 +418,8 @@ class WiseEditor(Editor):
         self.n_edits += len(facts)
         self.requests += facts
         self.spellings += [subject_spellings(self.model, fact, self._contexts) for fact in facts]
+        if self.relation is not None:
+            self.relation.add(self.relation.make(self.model, facts, self._contexts))
         if self.current.n_edits >= self.config.save_freq:
             self._save_shard()
         self._gate = None
@@ -620,6 +683,9 @@ class WiseEditor(Editor):
         tensors["mask"] = self.mask.to("cpu", torch.uint8).contiguous()
         if self.common is not None and self.common.numel():
             tensors["common"] = to_saved(self.common)
+        if self.relation is not None and self.relation.keys is not None:
+            tensors["relation_keys"] = self.relation.keys.contiguous()
+            tensors["relation_centre"] = self.relation.centre.contiguous()
         meta = {
             "method": self.method,
             "config": dataclasses.asdict(self.config),
@@ -637,6 +703,7 @@ class WiseEditor(Editor):
             "calibration": self.calibration_prompts,
             "templates": self.templates,
             "subjects": self.subjects,
+            "relation_layer": None if self.relation is None else self.relation.layer,
         }
         return save_tensors_atomic(path, tensors, "factlens_wise", meta)
 
@@ -661,6 +728,8 @@ class WiseEditor(Editor):
         editor.n_edits = meta["n_edits"]
         editor.requests = [Fact.from_counterfact(r) for r in meta["requests"]]
         editor.spellings = [[tuple(spelling) for spelling in entry] for entry in meta.get("spellings", [])]
+        if "relation_keys" in tensors:
+            editor.relation = RelationKeys(meta["relation_layer"], tensors["relation_centre"], tensors["relation_keys"])
         return editor if model is None else editor.attach(model)
 
 

@@ -5,16 +5,20 @@ One linear memory's activation score does not keep other facts of the edited rel
 accumulate (docs/wise.md): at T = 50 in one shard, the calibrated floor sat above most edits' scores. The
 subject memory met the same problem and solved it with the subject's spelling in token ids
 (:mod:`editing.subject_spellings`); here the spelling decides which memories are eligible, and among those
-the activation score and its threshold still decide, as before.
+the activation score and its threshold still decide, as before. With ``relation_similarity`` the
+relation check (:mod:`editing.relation_keys`) narrows a match further: its memory is eligible only from the
+first later position that asks the edit's relation.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from editing.subject_spellings import SpellingIndex
+
+Passes = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def memory_owners(sizes: Sequence[int]) -> list[int]:
@@ -35,16 +39,29 @@ class SubjectGate:
         self.owners = torch.tensor(list(owners), dtype=torch.long)
         self.n_memories = n_memories
 
-    def eligible(self, rows: Sequence[Sequence[int]], width: int | None = None, device=None) -> torch.Tensor:
+    def eligible(self, rows: Sequence[Sequence[int]], width: int | None = None, device=None,
+                 passes: Passes | None = None) -> torch.Tensor:
         """(memories, rows, width) booleans: position t of a row may reach a memory once a spelling of one
-        of its subjects has ended at or before t (causal: later tokens never change an earlier position)."""
+        of its subjects has ended at or before t (causal: later tokens never change an earlier position).
+        ``passes(rows, positions, edits)``: for each match (a spelling of an edit's subject ending at a
+        position of a row), the (matches, width) positions where it may answer (the relation check)."""
         width = max((len(row) for row in rows), default=0) if width is None else width
         hits = torch.zeros(self.n_memories, len(rows), width, dtype=torch.int32)
         matched_rows, positions, entries = self.index.matches(rows)
-        if entries:
-            hits[self.owners[entries], torch.tensor(matched_rows), torch.tensor(positions)] = 1
-        return (hits.cumsum(-1) > 0).to(device)
+        if not entries:
+            return hits.bool().to(device)
+        matched_rows, positions, entries = (torch.tensor(column, dtype=torch.long)
+                                            for column in (matched_rows, positions, entries))
+        if passes is None:
+            hits[self.owners[entries], matched_rows, positions] = 1
+            return (hits.cumsum(-1) > 0).to(device)
+        allowed = passes(matched_rows, positions, entries).to("cpu", torch.int32)
+        hits.index_put_((self.owners[entries], matched_rows), allowed[:, :width], accumulate=True)
+        return (hits > 0).to(device)
 
-    def reaches(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    def reaches(self, rows: Sequence[Sequence[int]], passes: Passes | None = None) -> torch.Tensor:
         """(memories, rows) booleans: whether a row's last token may reach each memory."""
-        return self.eligible(rows)[..., -1] if rows else torch.zeros(self.n_memories, 0, dtype=torch.bool)
+        if not rows:
+            return torch.zeros(self.n_memories, 0, dtype=torch.bool)
+        last = torch.tensor([len(row) - 1 for row in rows])
+        return self.eligible(rows, passes=passes)[:, torch.arange(len(rows)), last]
