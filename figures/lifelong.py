@@ -19,6 +19,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "l
 METRICS = ("reliability", "generalization", "locality", "unrelated")
 
 
+MARKERS = ("o", "s", "^")
+
 def series(rows: list[dict], protocol: str, batch: int) -> dict[str, dict[int, dict]]:
     """{line label: {T: row}} for the rows of one protocol and call size (later rows win)."""
     lines: dict[str, dict[int, dict]] = {}
@@ -42,7 +44,8 @@ def plot_lifelong(lines: dict[str, dict[int, dict]], title: str):
         for ax, metric in zip(axes, METRICS):
             for i, (label, by_t) in enumerate(sorted(lines.items())):
                 ts = sorted(t for t, row in by_t.items() if row.get(metric) is not None)
-                ax.plot(ts, [by_t[t][metric] for t in ts], marker="o", color=f"C{i}", label=label)
+                ax.plot(ts, [by_t[t][metric] for t in ts], marker=MARKERS[i // 10 % len(MARKERS)],
+                        color=f"C{i % 10}", label=label)  # colour and marker together tell up to 30 lines apart
             ax.set_xscale("log")
             ax.set_xlabel("sequential edits T")
             ax.set_title(metric)
