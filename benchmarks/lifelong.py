@@ -80,9 +80,10 @@ def split_facts(seed: int, held_out: int, source: str = BUNDLED) -> tuple[list, 
     return pool[: len(pool) - held_out], pool[len(pool) - held_out:]
 
 
-def embedded_stream(edits: int, threads: int | None = None) -> tuple[Any, list, list]:
-    """The embedded model, the first ``edits`` facts of the bundled stream and the held-out facts, as every
-    lifelong run here takes them (``split_facts(0, 200)``); ``threads`` sets torch's thread count first."""
+def embedded_stream(edits: int, threads: int | None = None, start: int = 0) -> tuple[Any, list, list]:
+    """The embedded model, ``edits`` facts of the bundled stream from fact ``start`` on (the first ones by
+    default) and the held-out facts, as every lifelong run here takes them (``split_facts(0, 200)``);
+    ``threads`` sets torch's thread count first."""
     import torch
 
     from tracing.models import load_model
@@ -90,7 +91,9 @@ def embedded_stream(edits: int, threads: int | None = None) -> tuple[Any, list, 
     if threads:
         torch.set_num_threads(threads)
     pool, held_out = split_facts(0, 200)
-    return load_model("smollm2"), pool[:edits], held_out
+    if start + edits > len(pool):
+        raise ValueError(f"the bundled stream has {len(pool)} facts: {edits} from {start} on is too many")
+    return load_model("smollm2"), pool[start: start + edits], held_out
 
 
 def default_config(name: str, overrides: dict[str, Any]):

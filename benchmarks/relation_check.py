@@ -9,8 +9,10 @@ scored after all edits at every threshold, off included, with the lifelong bench
 the held-out facts, both also on the prompts naming no edited subject, and routed-and-answered.
 
     python benchmarks/relation_check.py [--method subject-memory|wise] [--edits 1000] [--thresholds off,0.3,0.5]
-                                        [--autocast bfloat16] [--relation-layer L] [--memory PATH] [--threads 1]
+                                        [--start K] [--autocast bfloat16] [--relation-layer L] [--memory PATH]
+                                        [--threads 1]
 
+``--start``: the stream's first fact in the bundled pool (0; 1000 streams facts no threshold was chosen on).
 ``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
 the subject memory's δ optimisation. ``--relation-layer``: the layer whose residual the check reads
 (default: the method's, 0.8 of the depth; for WISE before its side layer). ``--memory``: where
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("subject-memory", "wise"), default="subject-memory")
     parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--start", type=int, default=0, help="the stream's first fact in the bundled pool "
+                        "(e.g. 1000: facts no threshold was chosen on)")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--thresholds", type=parse_thresholds, default=parse_thresholds("off,0.3,0.35,0.4,0.45"))
     parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from editing.wise import WiseConfig, WiseEditor
     from lifelong import _unedited, _weighted, embedded_stream, routing_shares
 
-    model, facts, held_out = embedded_stream(args.edits, args.threads)
+    model, facts, held_out = embedded_stream(args.edits, args.threads, args.start)
     if args.method == "wise":
         editor_class, config = WiseEditor, WiseConfig(relation_layer=args.relation_layer)
     else:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             scored = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
-            row = {"method": args.method, "relation_similarity": threshold,
+            row = {"method": args.method, "relation_similarity": threshold, "start": args.start,
                    "relation_layer": (editor.relation_layer if args.method == "subject-memory" else
                                       editor.config.resolved_relation_layer(len(model.blocks))), "T": len(facts),
                    "batch": args.batch, "protocol": "after_all", "facts": "counterfact-bundled", **scored,
