@@ -149,7 +149,6 @@ class SubjectMemoryEditor(HookedEditor):
         self.base_fingerprint: str | None = None
         self.centre: torch.Tensor | None = None  # (d_model,) mean residual of the calibration positions
         self.relation: RelationKeys | None = None  # what each edit asks, at the relation layer
-        self.relation_layer: int | None = None
         self.keys: torch.Tensor | None = None  # (N, d_model), unit norm
         self.deltas: torch.Tensor | None = None  # (N, d_model)
         self.thresholds: list[float] = []  # the state gate's, per entry
@@ -175,11 +174,9 @@ class SubjectMemoryEditor(HookedEditor):
             raise ValueError(f"the layer-{layer} weights differ from the ones this memory was made for")
         relation_layer = self.config.resolved_relation_layer(model)
         self.layer, self.base_fingerprint, self.model = layer, fingerprint, model
-        stale = self.relation is not None and relation_layer != self.relation.layer
-        self.relation_layer = relation_layer
-        if stale:  # a memory saved under another relation layer: its keys are made again below
-            self.relation = None
-        self._calibrate(model)
+        if self.relation is not None and relation_layer != self.relation.layer:
+            self.relation = None  # a memory saved under another relation layer: its keys are made again below
+        self._calibrate(model, relation_layer)
         self._index = SpellingIndex(self.spellings)
         self._handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
                                                     (ModelAdapter.resid_out(layer), self._answer)])
@@ -193,8 +190,9 @@ class SubjectMemoryEditor(HookedEditor):
         super().detach()
 
     @torch.no_grad()
-    def _calibrate(self, model) -> None:
-        """States of held-out fact prompts at every position: the centre, and what thresholds must beat."""
+    def _calibrate(self, model, relation_layer: int) -> None:
+        """States of held-out fact prompts at every position: the centre, and what thresholds must beat;
+        the relation keys' centre at ``relation_layer`` when there are none yet."""
         prompts = unused_fact_prompts()
         random.Random(self.config.seed).shuffle(prompts)
         prompts = prompts[: self.config.calibration] or ["The"]
@@ -210,12 +208,16 @@ class SubjectMemoryEditor(HookedEditor):
             self.centre = flat.mean(0)
         self._calibration = (self._unit(flat), owners)
         if self.relation is None:  # at a later layer centred on the prompts' last tokens (editing.relation_keys)
-            centre = (self.centre if self.relation_layer == self.layer else
-                      self._states(rows, [len(r) - 1 for r in rows], layer=self.relation_layer).mean(0))
-            self.relation = RelationKeys(self.relation_layer, centre)
+            self.relation = (RelationKeys(relation_layer, self.centre) if relation_layer == self.layer else
+                             RelationKeys.calibrated(model, relation_layer, prompts))
 
     def _unit(self, states: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states.float() - self.centre.to(states.device), dim=-1)
+
+    @property
+    def relation_layer(self) -> int | None:
+        """The layer whose residual the relation check reads (None before the memory has relation keys)."""
+        return None if self.relation is None else self.relation.layer
 
     @property
     def relation_keys(self) -> torch.Tensor | None:
@@ -406,10 +408,10 @@ class SubjectMemoryEditor(HookedEditor):
         editor = cls(SubjectMemoryConfig(**settings))
         editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])
-        editor.relation_layer = meta.get("relation_layer", meta["layer"])  # older files: the memory's layer
-        centre = tensors["centre"] if editor.relation_layer == editor.layer else tensors.get("relation_centre")
+        relation_layer = meta.get("relation_layer", meta["layer"])  # older files: the memory's layer
+        centre = tensors["centre"] if relation_layer == editor.layer else tensors.get("relation_centre")
         if centre is not None and "relation_keys" in tensors:  # older files: made again when attached
-            editor.relation = RelationKeys(editor.relation_layer, centre, tensors["relation_keys"])
+            editor.relation = RelationKeys(relation_layer, centre, tensors["relation_keys"])
         editor.subjects, editor.base_fingerprint = list(meta["subjects"]), meta["base_fingerprint"]
         editor.spellings = [[tuple(s) for s in entry] for entry in meta["spellings"]]
         editor.edited = [Fact.from_counterfact(r) for r in meta["facts"]]
