@@ -10,7 +10,7 @@ the held-out facts, both also on the prompts naming no edited subject, and route
 
     python benchmarks/relation_check.py [--method subject-memory|wise] [--edits 1000] [--thresholds off,0.3,0.5]
                                         [--start K] [--autocast bfloat16] [--relation-layer L] [--memory PATH]
-                                        [--threads 1]
+                                        [--scorings probability,generated] [--threads 1]
 
 ``--start``: the stream's first fact in the bundled pool (0; 1000 streams facts no threshold was chosen on).
 ``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
@@ -18,7 +18,10 @@ the subject memory's δ optimisation. ``--relation-layer``: the layer whose resi
 (default: the method's, 0.8 of the depth; for WISE before its side layer). ``--memory``: where
 the stream's memory is saved every ten calls (atomically); run again, it goes on from there, and a finished
 memory is scored without editing again (its relation keys are made again if they belong to another relation
-layer). One JSON object per threshold is appended to benchmarks/results/relation_check.jsonl.
+layer). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
+has (probability comparison: ES / PS / NS; generated answers: gen-Rel / gen-Gen / gen-Loc), each under its
+name in the row, their unedited baselines recorded before the first edit. One JSON object per threshold is
+appended to benchmarks/results/relation_check.jsonl.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def parse_thresholds(text: str) -> list[float | None]:
     return [None if part.strip() == "off" else float(part) for part in text.split(",")]
 
 
+def parse_scorings(text: str) -> tuple[str, ...]:
+    from editing.scoring import SCORINGS
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in SCORINGS or name == "token"]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown or always-on scorings {unknown}; choose from probability, generated")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("subject-memory", "wise"), default="subject-memory")
@@ -51,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the δ optimisation under torch.autocast (editing.targets.TargetConfig)")
     parser.add_argument("--relation-layer", type=int, default=None)
     parser.add_argument("--memory", default=None, help="save / resume the stream's memory here")
+    parser.add_argument("--scorings", type=parse_scorings, default=(),
+                        help="also score with these (comma-separated: probability, generated)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
@@ -58,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from editing.evaluate import agreement, argmax_predictions, evaluate_accuracy
-    from editing.protocol import batches
+    from editing.protocol import batches, record_unedited
+    from editing.scoring import scoring
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
     from editing.targets import TargetConfig
     from editing.wise import WiseConfig, WiseEditor
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))
+    others = [scoring(name) for name in args.scorings]
+    recorded = record_unedited(model, facts, others)  # before the first edit (a resumed memory is attached later)
     memory = Path(args.memory) if args.memory else None
     if memory is not None and memory.exists():
         editor = editor_class.load(memory)
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             editor.attach(model)
             began = time.perf_counter()
             scored = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
+            scored |= {s.name: s.merge([s.read(model, facts, recorded[s.name], facts)]) for s in others}
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
             row = {"method": args.method, "relation_similarity": threshold, "start": args.start,

@@ -44,7 +44,6 @@ state gate. Design and measurements: docs/subject_memory.md.
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -193,9 +192,7 @@ class SubjectMemoryEditor(HookedEditor):
     def _calibrate(self, model, relation_layer: int) -> None:
         """States of held-out fact prompts at every position: the centre, and what thresholds must beat;
         the relation keys' centre at ``relation_layer`` when there are none yet."""
-        prompts = unused_fact_prompts()
-        random.Random(self.config.seed).shuffle(prompts)
-        prompts = prompts[: self.config.calibration] or ["The"]
+        prompts = unused_fact_prompts(self.config.seed)[: self.config.calibration] or ["The"]
         rows = [encode(model, p) for p in prompts]
         self._active = False
         try:

@@ -6,6 +6,7 @@ model about them; editors draw fact-shaped prompts that no evaluation reads from
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,14 +79,18 @@ def load_candidates(path: Path) -> list[Candidate]:
     return candidates
 
 
-def unused_fact_prompts() -> list[str]:
+def unused_fact_prompts(seed: int | None = None) -> list[str]:
     """Fact-shaped prompts about real subjects that no bundled record reads: the prompts of the candidate
     facts SmolLM2 does not know, minus :func:`evaluated_prompts`. An editor may train against them without
     touching any prompt an evaluation of the bundled facts reads; WISE's router does (the role EasyEdit
-    gives to NQ questions from a training split)."""
+    gives to NQ questions from a training split). With ``seed``, shuffled by ``random.Random(seed)`` (an
+    editor's draws take the first N)."""
     used = evaluated_prompts()
     prompts = dict.fromkeys(c.prompt for c in load_candidates(CANDIDATES_FILE))
-    return [prompt for prompt in prompts if prompt not in used]
+    prompts = [prompt for prompt in prompts if prompt not in used]
+    if seed is not None:
+        random.Random(seed).shuffle(prompts)
+    return prompts
 
 
 def relation_templates() -> dict[str, tuple[str, ...]]:

@@ -223,11 +223,17 @@ class WiseEditor(Editor):
         if not self.memories:
             return [Routing(p, None, [], []) for p in prompts]
         rows = [encode(model, p) for p in prompts]
-        keys = self._keys(model, rows)
+        relation: dict[str, torch.Tensor] = {}  # the relation layer's residual, read in the keys' forward (as the hook reads it)
+
+        def keep_relation(states: torch.Tensor, hook) -> None:
+            relation["states"] = states.detach()
+
+        hooks = [] if self.relation is None else [(ModelAdapter.resid_out(self.relation.layer), keep_relation)]
+        keys = self._keys(model, rows, hooks)
         gate = None
         if self._gated:
-            states = unedited_states(model, rows, self.relation.layer) if self.relation is not None else None
-            gate = self._subject_gate().eligible(rows, keys.shape[1], keys.device, self._relation_passes(states))
+            gate = self._subject_gate().eligible(rows, keys.shape[1], keys.device,
+                                                 self._relation_passes(relation.get("states")))
         statistic, choice, _, _ = decide(keys, valid_mask(rows, keys.device), *self._routing_table(),
                                          self.config.score, choose=self.config.choose, gate=gate)
         index, last = torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])
@@ -379,9 +385,8 @@ class WiseEditor(Editor):
             return
         layer = self.config.resolved_relation_layer(n_layers)
         if self.relation is None or self.relation.layer != layer:
-            prompts = unused_fact_prompts()
-            random.Random(self.config.seed).shuffle(prompts)
-            self.relation = RelationKeys.calibrated(model, layer, prompts[:RELATION_CENTRE_PROMPTS])
+            prompts = unused_fact_prompts(self.config.seed)[:RELATION_CENTRE_PROMPTS]
+            self.relation = RelationKeys.calibrated(model, layer, prompts)
         if len(self.relation) != len(self.requests):
             self.relation.keys = self.relation.make(model, self.requests, self._contexts) if self.requests else None
 

@@ -39,8 +39,7 @@ def prompt_pools(config: WiseConfig, negatives: Sequence[str] | None,
     """The negative and the calibration prompts: those given, else ``config.negatives`` /
     ``config.calibration`` disjoint draws from :func:`tracing.candidates.unused_fact_prompts`."""
     if negatives is None or calibration is None:
-        pool = unused_fact_prompts()
-        random.Random(config.seed).shuffle(pool)
+        pool = unused_fact_prompts(config.seed)
         if negatives is None:
             negatives = pool[: config.negatives]
         if calibration is None:
