@@ -10,7 +10,7 @@ the held-out facts, both also on the prompts naming no edited subject, and route
 
     python benchmarks/relation_check.py [--method subject-memory|wise] [--edits 1000] [--thresholds off,0.3,0.5]
                                         [--start K] [--autocast bfloat16] [--relation-layer L] [--memory PATH]
-                                        [--scorings probability,generated] [--threads 1]
+                                        [--scorings probability,generated] [--unedited] [--threads 1]
 
 ``--start``: the stream's first fact in the bundled pool (0; 1000 streams facts no threshold was chosen on).
 ``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
@@ -20,8 +20,9 @@ the stream's memory is saved every ten calls (atomically); run again, it goes on
 memory is scored without editing again (its relation keys are made again if they belong to another relation
 layer). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
 has (probability comparison: ES / PS / NS; generated answers: gen-Rel / gen-Gen / gen-Loc), each under its
-name in the row, their unedited baselines recorded before the first edit. One JSON object per threshold is
-appended to benchmarks/results/relation_check.jsonl.
+name in the row, their unedited baselines recorded before the first edit. ``--unedited``: first a row of the
+unedited model on the same facts in the same scorings (``method`` "unedited"; the floor the table reads the
+edits against); with ``--thresholds ""`` only that row, nothing is edited. One JSON object per threshold is appended to benchmarks/results/relation_check.jsonl.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "relation_check.jsonl"
 
 
 def parse_thresholds(text: str) -> list[float | None]:
-    return [None if part.strip() == "off" else float(part) for part in text.split(",")]
+    return [None if part.strip() == "off" else float(part) for part in text.split(",") if part.strip()]
 
 
 def parse_scorings(text: str) -> tuple[str, ...]:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default=None, help="save / resume the stream's memory here")
     parser.add_argument("--scorings", type=parse_scorings, default=(),
                         help="also score with these (comma-separated: probability, generated)")
+    parser.add_argument("--unedited", action="store_true", help="also a row of the unedited model, first")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
@@ -90,6 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))
     others = [scoring(name) for name in args.scorings]
     recorded = record_unedited(model, facts, others)  # before the first edit (a resumed memory is attached later)
+
+    def scores() -> dict:
+        """Rel / Gen / Loc (token accuracy), the other scorings under their names, Unrel."""
+        token = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
+        return {**token, **{s.name: s.merge([s.read(model, facts, recorded[s.name], facts)]) for s in others},
+                "unrelated": agreement(model, *unedited["unrelated"])}
+
+    common = {"start": args.start, "T": len(facts), "batch": args.batch, "protocol": "after_all",
+              "facts": "counterfact-bundled"}
+    if args.unedited:
+        row = {"method": "unedited", **common, **scores(), "threads": torch.get_num_threads(),
+               "load_average": os.getloadavg()[0]}
+        with open(args.out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    if not args.thresholds:  # --thresholds "": the unedited row only
+        return 0
     memory = Path(args.memory) if args.memory else None
     if memory is not None and memory.exists():
         editor = editor_class.load(memory)
@@ -116,15 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             editor.config = dataclasses.replace(editor.config, relation_similarity=threshold)
             editor.attach(model)
             began = time.perf_counter()
-            scored = _weighted([(facts, evaluate_accuracy(model, facts, unedited["locality"]))], facts)
-            scored |= {s.name: s.merge([s.read(model, facts, recorded[s.name], facts)]) for s in others}
+            scored = scores()
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
-            row = {"method": args.method, "relation_similarity": threshold, "start": args.start,
+            row = {"method": args.method, "relation_similarity": threshold,
                    "relation_layer": (editor.relation_layer if args.method == "subject-memory" else
-                                      editor.config.resolved_relation_layer(len(model.blocks))), "T": len(facts),
-                   "batch": args.batch, "protocol": "after_all", "facts": "counterfact-bundled", **scored,
-                   "unrelated": agreement(model, *unedited["unrelated"]),
+                                      editor.config.resolved_relation_layer(len(model.blocks))), **common, **scored,
                    "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],
                    **routing_shares(model, editor, facts), "edit_seconds_this_run": seconds,
                    "score_seconds": time.perf_counter() - began,
