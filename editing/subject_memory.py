@@ -26,7 +26,8 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   24): the hook at ``layer`` runs the unedited model on to that layer for the rows where a subject matched.
   At T = 1000 (threshold 0.5) Loc. 0.81 -> 0.975, Unrel. 0.77 -> 0.97, Rel. 0.93 -> 0.97, Gen. 0.80 -> 0.75,
   and scoring took 1.7x as long (the nested forwards, run with every hook suspended). The nested forward
-  sees token ids, not an attention mask: right padding (:func:`tracing.tokens.pad_id`), as batches here are.
+  sees token ids, not an attention mask: it runs each row's real tokens alone (padding, left as generation
+  pads or right, is :func:`tracing.tokens.pad_id`) and puts the states back at their positions.
   ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
   threshold is then ``similarity`` or, if higher, ``margin`` above the best match among the positions of
   held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
@@ -265,15 +266,29 @@ class SubjectMemoryEditor(HookedEditor):
         (nothing asked yet) passes."""
         if self.relation is None or len(self.relation) != len(self.keys):
             raise RuntimeError("this memory has no relation keys")
+        real = tokens != pad_id(self.model.tokenizer)
         if self.relation_layer == self.layer:
             relation_states = states[rows]
         else:  # the unedited model run on to the relation layer, once per row that has a match
             unique, inverse = torch.unique(rows, return_inverse=True)
-            deep = self._states(tokens[unique].tolist(), layer=self.relation_layer).to(states.device)
-            relation_states = deep[inverse]
-        similarity = self.relation.similarity(relation_states, entries)
-        best = later_best(similarity, positions, tokens[rows] != pad_id(self.model.tokenizer))
+            relation_states = self._real_states(tokens[unique], real[unique], states.shape[-1])[inverse]
+        similarity = self.relation.similarity(relation_states.to(states.device), entries)
+        best = later_best(similarity, positions, real[rows])
         return (best >= self.config.relation_similarity) | (best < -1.5)  # -2: nothing after the subject
+
+    def _real_states(self, tokens: torch.Tensor, real: torch.Tensor, width: int) -> torch.Tensor:
+        """(rows, positions, d_model) unedited states at the relation layer of each row's real tokens, read
+        from a forward of those tokens alone and put back at their positions (zeros at padding): a row padded
+        on the left, as generation pads, must read what it reads unpadded (the nested forward has no attention
+        mask, so padding run through it would change every later state)."""
+        texts = [row[keep].tolist() for row, keep in zip(tokens, real)]
+        placed = torch.zeros(*tokens.shape, width)
+        if not any(texts):
+            return placed
+        read = self._states([text or [int(tokens[0, 0])] for text in texts], layer=self.relation_layer).cpu()
+        for i, (keep, text) in enumerate(zip(real.cpu(), texts)):
+            placed[i, keep] = read[i, : len(text)]
+        return placed
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:

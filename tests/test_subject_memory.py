@@ -10,7 +10,7 @@ from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
 from editing.subject_spellings import SpellingIndex, subject_spellings
 from tracing.causal_trace import TraceConfig, choose_engine
 from tracing.facts import Fact
-from tracing.tokens import encode
+from tracing.tokens import encode, pad_id
 
 SAN_DIEGO = Fact("San Diego", "{} is a city in the state of", "California", "Texas")
 ON_SUBJECT = "The mayor of San Diego lives in the state of"
@@ -178,3 +178,29 @@ def test_a_relation_layer_before_the_memory_is_refused_and_another_one_remakes_t
         assert torch.equal(loaded.deltas, editor.deltas)
     finally:
         loaded.undo()
+
+
+def test_the_relation_check_reads_a_left_padded_row_as_it_reads_it_alone(tiny_llama):
+    """Generation pads on the left and passes an attention mask; the check's nested forward to the relation
+    layer sees token ids only, so it must run each row's real tokens alone. Each row's last logits in a
+    left-padded batch equal those of the row run by itself, edited prompt and other relation alike."""
+    prompts = [SAN_DIEGO.prompt, OTHER_RELATION, ELSEWHERE + " " + " ".join(["and then the weather changed"] * 8)]
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 relation_similarity=0.8, relation_layer=3)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        alone = torch.stack([_last_logits(tiny_llama, p) for p in prompts])
+        rows = [encode(tiny_llama, p) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = pad_id(tiny_llama.tokenizer)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        assert len({len(r) for r in rows}) > 1  # the batch is padded
+        with torch.no_grad():
+            padded = tiny_llama.original_model(input_ids=ids, attention_mask=mask,
+                                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        assert torch.allclose(padded, alone, atol=1e-4)
+        assert [r.memory for r in editor.route(prompts)] == [0, None, None]
+    finally:
+        editor.undo()
