@@ -22,7 +22,8 @@ layer). ``--scorings``: the other two scorings of ``editing.scoring`` beside the
 has (probability comparison: ES / PS / NS; generated answers: gen-Rel / gen-Gen / gen-Loc), each under its
 name in the row, their unedited baselines recorded before the first edit. ``--unedited``: first a row of the
 unedited model on the same facts in the same scorings (``method`` "unedited"; the floor the table reads the
-edits against); with ``--thresholds ""`` only that row, nothing is edited. One JSON object per threshold is appended to benchmarks/results/relation_check.jsonl.
+edits against); with ``--thresholds ""`` only that row, nothing is edited. One JSON object per threshold
+is appended to benchmarks/results/relation_check.jsonl.
 """
 
 from __future__ import annotations
@@ -99,14 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         return {**token, **{s.name: s.merge([s.read(model, facts, recorded[s.name], facts)]) for s in others},
                 "unrelated": agreement(model, *unedited["unrelated"])}
 
-    common = {"start": args.start, "T": len(facts), "batch": args.batch, "protocol": "after_all",
-              "facts": "counterfact-bundled"}
-    if args.unedited:
-        row = {"method": "unedited", **common, **scores(), "threads": torch.get_num_threads(),
-               "load_average": os.getloadavg()[0]}
+    def append(row: dict) -> None:
         with open(args.out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+    common = {"start": args.start, "T": len(facts), "batch": args.batch, "protocol": "after_all",
+              "facts": "counterfact-bundled"}
+    if args.unedited:
+        append({"method": "unedited", **common, **scores(), "threads": torch.get_num_threads(),
+                "load_average": os.getloadavg()[0]})
     if not args.thresholds:  # --thresholds "": the unedited row only
         return 0
     memory = Path(args.memory) if args.memory else None
@@ -146,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    "score_seconds": time.perf_counter() - began,
                    "autocast": args.autocast if args.method == "subject-memory" else None,
                    "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            append(row)
     finally:
         editor.undo()
     return 0

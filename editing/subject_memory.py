@@ -280,12 +280,11 @@ class SubjectMemoryEditor(HookedEditor):
         """(rows, positions, d_model) unedited states at the relation layer of each row's real tokens, read
         from a forward of those tokens alone and put back at their positions (zeros at padding): a row padded
         on the left, as generation pads, must read what it reads unpadded (the nested forward has no attention
-        mask, so padding run through it would change every later state)."""
+        mask, so padding run through it would change every later state). Every row holds a subject match, so
+        none is padding alone."""
         texts = [row[keep].tolist() for row, keep in zip(tokens, real)]
         placed = torch.zeros(*tokens.shape, width)
-        if not any(texts):
-            return placed
-        read = self._states([text or [int(tokens[0, 0])] for text in texts], layer=self.relation_layer).cpu()
+        read = self._states(texts, layer=self.relation_layer).cpu()
         for i, (keep, text) in enumerate(zip(real.cpu(), texts)):
             placed[i, keep] = read[i, : len(text)]
         return placed

@@ -1,6 +1,6 @@
-"""Every metric of the three scorings recomputed a second way: plain Hugging Face forward passes
-(``model.original_model``, the transformers model under the TransformerLens bridge, same weights), one
-unpadded prompt at a time, and the metrics' definitions written out again here, on a tiny model and on
+"""Every metric of the three scorings recomputed a second way: plain Hugging Face forward passes and
+``generate`` (``model.original_model``, the transformers model under the TransformerLens bridge, same
+weights), one unpadded prompt at a time, and the metrics' definitions written out again here, on a tiny model and on
 the embedded one. The weights are disturbed between recording the unedited answers and scoring, so the
 locality numbers are not 1.0 by construction."""
 
@@ -32,12 +32,11 @@ def hf_log_probs(model, prompt: str, target: str) -> tuple[list[float], list[int
 
 def hf_greedy(model, prompt: str, count: int) -> list[int]:
     """Greedy tokens after ``prompt`` by Hugging Face's own ``generate`` (no sampling), cut at EOS."""
-    ids = encode(model, prompt)
-    eos = model.tokenizer.eos_token_id
+    tokens, eos = torch.tensor([encode(model, prompt)]), model.tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.original_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                            max_new_tokens=count, do_sample=False, pad_token_id=eos)
-    new = out[0, len(ids):].tolist()
+        out = model.original_model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=count,
+                                            do_sample=False, pad_token_id=eos)
+    new = out[0, tokens.shape[1]:].tolist()
     return new[: new.index(eos)] if eos in new else new
 
 
@@ -141,7 +140,8 @@ def facts_partly_said(model, n: int, locality: int = 2) -> list:
     """``n`` bundled facts (``locality`` locality pairs each), the first of which asks for what the model
     itself writes after its prompt and the second for what it writes after its first paraphrase, so that
     Rel. and Gen. are neither 0 nor 1."""
-    facts = [dataclasses.replace(fact, locality=fact.locality[:locality]) for fact in one_per_subject(known_facts())[:n]]
+    facts = [dataclasses.replace(fact, locality=fact.locality[:locality])
+             for fact in one_per_subject(known_facts())[:n]]
 
     def said(prompt: str) -> str:
         return model.tokenizer.decode(hf_greedy(model, prompt, 2), skip_special_tokens=True)

@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 import torch
 
+from editing.generate import _left_padded_batches
 from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
 from editing.subject_spellings import SpellingIndex, subject_spellings
 from tracing.causal_trace import TraceConfig, choose_engine
 from tracing.facts import Fact
-from tracing.tokens import encode, pad_id
+from tracing.tokens import encode
 
 SAN_DIEGO = Fact("San Diego", "{} is a city in the state of", "California", "Texas")
 ON_SUBJECT = "The mayor of San Diego lives in the state of"
@@ -191,11 +192,7 @@ def test_the_relation_check_reads_a_left_padded_row_as_it_reads_it_alone(tiny_ll
     try:
         editor.edit(SAN_DIEGO)
         alone = torch.stack([_last_logits(tiny_llama, p) for p in prompts])
-        rows = [encode(tiny_llama, p) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = pad_id(tiny_llama.tokenizer)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        rows, ids, mask = next(_left_padded_batches(tiny_llama, prompts, len(prompts)))  # as generation pads
         assert len({len(r) for r in rows}) > 1  # the batch is padded
         with torch.no_grad():
             padded = tiny_llama.original_model(input_ids=ids, attention_mask=mask,

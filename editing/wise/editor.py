@@ -223,7 +223,7 @@ class WiseEditor(Editor):
         if not self.memories:
             return [Routing(p, None, [], []) for p in prompts]
         rows = [encode(model, p) for p in prompts]
-        relation: dict[str, torch.Tensor] = {}  # the relation layer's residual, read in the keys' forward (as the hook reads it)
+        relation: dict[str, torch.Tensor] = {}  # the relation layer's residual, read in the keys' forward as the hook
 
         def keep_relation(states: torch.Tensor, hook) -> None:
             relation["states"] = states.detach()
