@@ -47,7 +47,8 @@ def memit_parser() -> cli.ArgumentParser:
     parser.add_argument("--device", default=None, type=cli.text, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--autocast", default=None, choices=("bfloat16", "float16"),
                         help="run the target vectors' optimisation under autocast (bfloat16: 1.9x faster on CPUs "
-                             "with bf16 units; docs/memit_speed.md); default: the model's dtype")
+                             "with bf16 units, many times slower on CPUs without, where it warns; "
+                             "docs/memit_speed.md); default: the model's dtype")
     return parser
 
 

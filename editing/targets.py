@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editing.precision import warn_if_slower
 from editing.prompts import in_context, subject_row
 from tracing.adapter import ModelAdapter
 from tracing.blocks import BlockCalls, call_block, capture_block_calls, filled_cache, logits_of
@@ -50,7 +51,8 @@ class TargetConfig:
     keep_factor: float = 1.0  # weight of the mean KL on the keep prompts (when any are given)
     # "bfloat16": the optimisation's forward and backward through the later blocks under autocast (weights,
     # z0 and the δ being trained stay in the model's dtype). 1.9x faster on CPUs with bf16 matrix units
-    # (docs/memit_speed.md measures z and ES/PS/NS against float32); None: the model's own dtype.
+    # (docs/memit_speed.md measures z and ES/PS/NS against float32), 24-46x slower on CPUs without them,
+    # where it warns (editing.precision); None: the model's own dtype.
     autocast: str | None = None
 
     def __post_init__(self) -> None:
@@ -205,6 +207,7 @@ def _autocast(device: torch.device, dtype: str | None):
     """Autocast to ``dtype`` on ``device``'s kind, or nothing for None."""
     if dtype is None:
         return nullcontext()
+    warn_if_slower(device.type, dtype)
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
