@@ -187,6 +187,28 @@ def test_calibration_leaves_out_the_edited_facts_and_by_choice_their_subjects(ti
         WiseConfig(calibration_scope="relation")
 
 
+def test_behind_the_gate_training_lets_delta_act_only_where_the_gate_will(tiny_llama, attached):
+    """``train_from_subject``: behind the subject gate Δ acts on an edit row only from the subject's last
+    token on, as at inference; the training loss then ignores what Δ would do to the keys before it."""
+    gated = dataclasses.replace(FAST, route_match="subject", train_from_subject=True, layer=1)  # blocks after it
+    editor = attached(tiny_llama, gated)
+    batch = editor._batch(tiny_llama, [EIFFEL])
+    bare = editor._contexts.index("{}")
+    subject_end = len(encode(tiny_llama, "The Eiffel Tower")) - 1
+    assert not batch.acts[bare, :subject_end].any() and batch.acts[bare, subject_end:].all()
+    delta = torch.randn_like(editor.current.delta)
+    before = dataclasses.replace(batch, keys=batch.keys.clone())
+    before.keys[:, :subject_end] += 5.0 * torch.randn_like(before.keys[:, :subject_end])
+    assert editor._loss(tiny_llama, batch, delta)["nll"] == pytest.approx(float(editor._loss(tiny_llama, before, delta)["nll"]))
+    everywhere = dataclasses.replace(batch, acts=None)  # EasyEdit's training: every position
+    moved = dataclasses.replace(before, acts=None)
+    assert float(editor._loss(tiny_llama, everywhere, delta)["nll"]) != pytest.approx(
+        float(editor._loss(tiny_llama, moved, delta)["nll"]))
+    editor.detach()
+    ungated = attached(tiny_llama, dataclasses.replace(FAST, route_match="any", train_from_subject=True, layer=1))
+    assert ungated._batch(tiny_llama, [EIFFEL]).acts is None  # no gate: Δ acts everywhere, as it will
+
+
 def test_edit_rows_up_to_the_subject_are_trained_as_unrelated_rows(tiny_llama, attached):
     plain = attached(tiny_llama, FAST)
     rows_without = plain._batch(tiny_llama, [EIFFEL]).unrelated_valid

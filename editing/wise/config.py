@@ -46,6 +46,10 @@ class WiseConfig:
     asks the edit's relation, read at ``relation_layer`` before the side layer. At T = 300 (0.5): Loc / Unrel
     0.968 / 0.963 -> 0.992 / 0.995, Gen 0.718 -> 0.694 (docs/wise.md).
 
+    ``train_from_subject`` (off, as EasyEdit trains): behind the gate, Δ acts on the edit rows in training only
+    from the subject's last token on, where the gate lets it act at inference. Over six 10-edit streams it
+    moved Gen. by -0.15 to +0.10 per stream (+0.03 on the mean): not a measured gain (docs/wise.md).
+
     ``alpha`` / ``beta`` / ``gamma`` are norms of changes to the side layer's d_model output, so they scale
     with the model; EasyEdit's 5 / 20 / 10 are for 7B models. For the score-only router on SmolLM2 we
     measured margins x 4 (20 / 80 / 40) better (10 edits, Rel/Gen/Loc 0.95/0.55/0.97 against
@@ -93,6 +97,7 @@ class WiseConfig:
     weight_decay: float = 1e-5  # SGD weight decay on the side weight W + Δ, every entry (EasyEdit's)
     bare_contexts: bool = False  # the context prefixes without a prompt are unrelated rows
     route_match: str = "subject"  # only prompts spelling a subject edited into a memory may reach it; "any"
+    train_from_subject: bool = False  # behind the gate, Δ acts on the edit rows from the subject's last token
     relation_similarity: float | None = None  # and a later position asks the edit's relation this clearly
     relation_layer: int | None = None  # the residual the relation check reads (None: 0.8 of the depth, < layer)
     seed: int = 0

@@ -85,6 +85,7 @@ class _Batch:
     replay_keys: torch.Tensor  # (P, S'', d_mlp): bare rows of earlier edits in this shard
     replay_valid: torch.Tensor
     replay_decision: torch.Tensor
+    acts: torch.Tensor | None = None  # (R, S) where Δ acts on the edit rows (None: every position)
 
 
 @dataclass
@@ -450,7 +451,7 @@ class WiseEditor(Editor):
     def _batch(self, model, facts: list[Fact]) -> _Batch:
         """Training rows: each request's prompt in every context template followed by its target (teacher
         forcing), recorded once with the main memory, and the unrelated rows."""
-        rows, decisions, targets, owners, prefixes = [], [], [], [], []
+        rows, decisions, targets, owners, prefixes, subject_ends = [], [], [], [], [], []
         for f, fact in enumerate(facts):
             target = target_token_ids(model, fact.target_new)
             for context in self._contexts:
@@ -460,6 +461,7 @@ class WiseEditor(Editor):
                 targets.append(target)
                 owners.append(f)
                 prefixes.append(min(prompt.lookup + 1, len(prompt) - 1))
+                subject_ends.append(prompt.lookup)
         recorded = record_rows(model, right_padded(model, rows), self.layer)
         keys, device = self._specific(recorded.keys), recorded.keys.device
         decision = torch.zeros(keys.shape[:2], dtype=torch.bool, device=device)
@@ -475,9 +477,13 @@ class WiseEditor(Editor):
             width = keys.shape[1]
             groups.append((keys, torch.arange(width, device=device)[None, :] < torch.tensor(prefixes, device=device)[:, None]))
         unrelated = _stack_padded(groups)
+        acts = None
+        if self._gated and self.config.train_from_subject:  # as the gate lets Δ act at inference
+            ends = torch.tensor(subject_ends, device=device)
+            acts = torch.arange(keys.shape[1], device=device)[None, :] >= ends[:, None]
         return _Batch(keys, recorded.hidden, valid_mask(rows, device), decision, long(owners), long(target_rows),
                       long(target_positions), long(target_tokens), torch.tensor(target_weights, device=device),
-                      recorded.calls, *unrelated, *self._replay_rows(model))
+                      recorded.calls, *unrelated, *self._replay_rows(model), acts=acts)
 
     @torch.no_grad()
     def _replay_rows(self, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -538,7 +544,8 @@ class WiseEditor(Editor):
         of 40 steps left the new targets' NLL at 3.0 per fact; summed, 0.19 after 25 steps)."""
         config = self.config
         change = batch.keys @ delta.T
-        final = replay_later_blocks(model, self.layer, batch.calls, batch.hidden + change.to(batch.hidden.dtype))
+        acting = change if batch.acts is None else change * batch.acts[..., None]
+        final = replay_later_blocks(model, self.layer, batch.calls, batch.hidden + acting.to(batch.hidden.dtype))
         final = final.to(batch.target_rows.device)  # the last block's GPU under a device map
         logits = logits_of(model, final[batch.target_rows, batch.target_positions])
         nll = -torch.log_softmax(logits.float(), -1).gather(1, batch.target_tokens[:, None])[:, 0]
