@@ -10,7 +10,8 @@ the held-out facts, both also on the prompts naming no edited subject, and route
 
     python benchmarks/relation_check.py [--method subject-memory|wise] [--edits 1000] [--thresholds off,0.3,0.5]
                                         [--start K] [--autocast bfloat16] [--relation-layer L] [--memory PATH]
-                                        [--scorings probability,generated] [--unedited] [--threads 1]
+                                        [--answer-logprob X] [--scorings probability,generated] [--unedited]
+                                        [--threads 1]
 
 ``--start``: the stream's first fact in the bundled pool (0; 1000 streams facts no threshold was chosen on).
 ``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
@@ -18,7 +19,9 @@ the subject memory's δ optimisation. ``--relation-layer``: the layer whose resi
 (default: the method's, 0.8 of the depth; for WISE before its side layer). ``--memory``: where
 the stream's memory is saved every ten calls (atomically); run again, it goes on from there, and a finished
 memory is scored without editing again (its relation keys are made again if they belong to another relation
-layer). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
+layer). ``--answer-logprob``: the subject memory's old-answer check beside the relation check (an entry
+answers only where the unedited model gives its old answer at least that log-probability after the
+subject; ``SubjectMemoryConfig.answer_logprob``). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
 has (probability comparison: ES / PS / NS; generated answers: gen-Rel / gen-Gen / gen-Loc), each under its
 name in the row, their unedited baselines recorded before the first edit. ``--unedited``: first a row of the
 unedited model on the same facts in the same scorings (``method`` "unedited"; the floor the table reads the
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                         help="the δ optimisation under torch.autocast (editing.targets.TargetConfig)")
     parser.add_argument("--relation-layer", type=int, default=None)
+    parser.add_argument("--answer-logprob", type=float, default=None,
+                        help="subject memory: also the old-answer check at this log-probability "
+                             "(SubjectMemoryConfig.answer_logprob)")
     parser.add_argument("--memory", default=None, help="save / resume the stream's memory here")
     parser.add_argument("--scorings", type=parse_scorings, default=(),
                         help="also score with these (comma-separated: probability, generated)")
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
+    if args.answer_logprob is not None and args.method != "subject-memory":
+        parser.error("--answer-logprob is a check of the subject memory")
 
     import torch
 
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         editor_class, config = WiseEditor, WiseConfig(relation_layer=args.relation_layer)
     else:
         editor_class = SubjectMemoryEditor
-        config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer)
+        config = SubjectMemoryConfig(targets=TargetConfig(autocast=args.autocast), relation_layer=args.relation_layer,
+                                     answer_logprob=args.answer_logprob)
     unrelated = [(fact.prompt, fact.target_true) for fact in held_out]
     unedited = _unedited(model, facts, (unrelated, argmax_predictions(model, unrelated)))
     others = [scoring(name) for name in args.scorings]
@@ -117,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         editor = editor_class.load(memory)
         if editor.facts != facts[: len(editor.facts)]:
             raise SystemExit(f"{memory} holds another stream's edits")
-        editor.config = dataclasses.replace(editor.config, relation_layer=args.relation_layer)
+        editor.config = dataclasses.replace(editor.config, relation_layer=args.relation_layer,
+                                            **({"answer_logprob": args.answer_logprob}
+                                               if args.method == "subject-memory" else {}))
         editor.attach(model)  # relation keys of another layer are made again here
         print(f"resuming at T = {len(editor.facts)} from {memory}", flush=True)
     else:
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             scored = scores()
             other = {kind: agreement(model, pairs, base) if pairs else None
                      for kind, (pairs, base) in unedited["other_subjects"].items()}
-            row = {"method": args.method, "relation_similarity": threshold,
+            row = {"method": args.method, "relation_similarity": threshold, "answer_logprob": args.answer_logprob,
                    "relation_layer": (editor.relation_layer if args.method == "subject-memory" else
                                       editor.config.resolved_relation_layer(len(model.blocks))), **common, **scored,
                    "locality_other_subjects": other["locality"], "unrelated_other_subjects": other["unrelated"],

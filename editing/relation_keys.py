@@ -25,7 +25,7 @@ from tracing.activations import activations_at
 from tracing.adapter import ModelAdapter
 from tracing.facts import SLOT, Fact
 from tracing.hooks import hooks_suspended
-from tracing.tokens import encode
+from tracing.tokens import encode, right_padded
 
 RELATION_DEPTH = 0.8  # where the check reads by default: layer 24 of SmolLM2's 30 (docs/subject_memory.md)
 
@@ -43,6 +43,32 @@ def unedited_states(model, rows: Sequence[Sequence[int]], layer: int,
     with hooks_suspended(model):
         return activations_at(model, rows, ModelAdapter.resid_out(layer), layer + 1, positions=positions,
                               batch_size=64)
+
+
+@torch.no_grad()
+def unedited_reads(model, rows: Sequence[Sequence[int]], layer: int, answers: Sequence[int],
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the unedited model to the end (every hook suspended, as :func:`unedited_states`):
+    the residual after ``layer`` at every position, (rows, width, d_model), and the log-probability of
+    each token of ``answers`` as the next token at every position, (rows, width, len(answers)); padding
+    positions are zeros."""
+    width = max(len(row) for row in rows)
+    states, log_probs = [], []
+    name = ModelAdapter.resid_out(layer)
+    with hooks_suspended(model):
+        for start in range(0, len(rows), batch_size):
+            captured: dict[str, torch.Tensor] = {}
+
+            def keep(value: torch.Tensor, hook) -> None:
+                captured["value"] = value.detach().float()
+
+            logits = model.run_with_hooks(right_padded(model, rows[start: start + batch_size]),
+                                          fwd_hooks=[(name, keep)])
+            read = torch.log_softmax(logits.float(), -1)[..., list(answers)]
+            pad = width - read.shape[1]
+            states.append(torch.nn.functional.pad(captured["value"], (0, 0, 0, pad)))
+            log_probs.append(torch.nn.functional.pad(read, (0, 0, 0, pad)))
+    return torch.cat(states), torch.cat(log_probs)
 
 
 class RelationKeys:
@@ -92,12 +118,13 @@ class RelationKeys:
         return torch.einsum("mpd,md->mp", self.unit(states), keys)
 
 
-def later_best(similarity: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """(matches,) the best similarity at a real position after each match's position; -2 where there is
-    none (the subject ends the text)."""
+def later_best(similarity: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+               none: float = -2.0) -> torch.Tensor:
+    """(matches,) the best similarity at a real position after each match's position; ``none`` where there
+    is none (the subject ends the text)."""
     index = torch.arange(similarity.shape[1], device=similarity.device)
     later = (index[None, :] > positions[:, None]) & real
-    return similarity.masked_fill(~later, -2.0).amax(-1)
+    return similarity.masked_fill(~later, none).amax(-1)
 
 
 def running_best(similarity: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

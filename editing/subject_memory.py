@@ -45,6 +45,7 @@ state gate. Design and measurements: docs/subject_memory.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,7 @@ from editing.editor import HookedEditor, Route, as_facts
 from editing.memit import MemitConfig, current_outputs
 from editing.other_relations import other_relation_templates
 from editing.prompts import in_context, subject_row
-from editing.relation_keys import RelationKeys, default_relation_layer, later_best, unedited_states
+from editing.relation_keys import RelationKeys, default_relation_layer, later_best, unedited_reads, unedited_states
 from editing.requests import validate_requests
 from editing.subject_spellings import SpellingIndex, subject_spellings
 from editing.targets import TargetConfig, compute_targets
@@ -69,7 +70,7 @@ from tracing.facts import Fact
 from tracing.hooks import add_permanent_hooks
 from tracing.io import load_tensors, save_tensors_atomic
 from tracing.layer_set import critical_layers_for
-from tracing.tokens import encode, pad_id
+from tracing.tokens import encode, pad_id, target_token_ids
 
 FILE_KEY = "factlens_subject_memory"
 MATCHES = ("subject", "state")
@@ -89,6 +90,7 @@ class SubjectMemoryConfig:
     other_relations: int = 0  # per edit: prompts about its subject in other relations whose answers δ keeps
     relation_similarity: float | None = 0.5  # a later position must be this similar to the relation key
     relation_layer: int | None = None  # the residual the check reads (None: 0.8 of the depth, >= layer)
+    answer_logprob: float | None = None  # and a later position gives the old answer this log-p, unedited
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
     context_length: int = MemitConfig.context_length
@@ -161,6 +163,7 @@ class SubjectMemoryEditor(HookedEditor):
         self._state_gate = False  # True while MEMIT's target optimisation runs prompt suffixes alone
         self._tokens: torch.Tensor | None = None  # token ids of the forward in progress
         self._index = SpellingIndex()
+        self._answers: torch.Tensor | None = None  # first token of each entry's old answer (answer_logprob)
 
     # --- attach / detach ------------------------------------------------------------------------------
     def attach(self, model) -> "SubjectMemoryEditor":
@@ -254,7 +257,7 @@ class SubjectMemoryEditor(HookedEditor):
         similarity = (self._unit(states[rows, positions]) * keys[entries]).sum(-1)
         keep = similarity >= self.config.subject_similarity
         rows, positions, entries = rows[keep], positions[keep], entries[keep]
-        if self.config.relation_similarity is None or len(entries) == 0:
+        if (self.config.relation_similarity is None and self.config.answer_logprob is None) or len(entries) == 0:
             return rows, positions, entries
         keep = self._asks_relation(states, tokens.to(states.device), rows, positions, entries)
         return rows[keep], positions[keep], entries[keep]
@@ -262,32 +265,61 @@ class SubjectMemoryEditor(HookedEditor):
     def _asks_relation(self, states: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
                        positions: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """Per match: whether a real (non-padding) position after the subject is at least
-        ``relation_similarity`` similar to the entry's relation key. A subject at the end of the text
-        (nothing asked yet) passes."""
+        ``relation_similarity`` similar to the entry's relation key, and (``answer_logprob``) whether at one
+        such position the unedited model gives the entry's old answer at least that log-probability. A
+        subject at the end of the text (nothing asked yet) passes both."""
         if self.relation is None or len(self.relation) != len(self.keys):
             raise RuntimeError("this memory has no relation keys")
+        config = self.config
         real = tokens != pad_id(self.model.tokenizer)
-        if self.relation_layer == self.layer:
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        keep = torch.ones(len(entries), dtype=torch.bool, device=states.device)
+        if config.answer_logprob is not None:  # one forward to the end gives both reads
+            old = self._old_answers()[entries.cpu()]
+            answers, column = torch.unique(old.clamp(min=0), return_inverse=True)
+            reads, said = self._real_reads(tokens[unique], real[unique], states.shape[-1], answers.tolist())
+            relation_states = reads[inverse.cpu()]
+            said = said[inverse.cpu(), :, column].to(states.device)  # (matches, width): the old answer's log-p
+            best = later_best(said, positions, real[rows], none=-math.inf)
+            keep &= (best >= config.answer_logprob) | best.isneginf() | (old < 0).to(states.device)  # nothing
+            # after the subject, or no old answer: passes
+        elif self.relation_layer == self.layer:
             relation_states = states[rows]
         else:  # the unedited model run on to the relation layer, once per row that has a match
-            unique, inverse = torch.unique(rows, return_inverse=True)
-            relation_states = self._real_states(tokens[unique], real[unique], states.shape[-1])[inverse]
-        similarity = self.relation.similarity(relation_states.to(states.device), entries)
-        best = later_best(similarity, positions, real[rows])
-        return (best >= self.config.relation_similarity) | (best < -1.5)  # -2: nothing after the subject
+            relation_states = self._real_reads(tokens[unique], real[unique], states.shape[-1])[0][inverse.cpu()]
+        if config.relation_similarity is not None:
+            similarity = self.relation.similarity(relation_states.to(states.device), entries)
+            best = later_best(similarity, positions, real[rows])
+            keep &= (best >= config.relation_similarity) | (best < -1.5)  # -2: nothing after the subject
+        return keep
 
-    def _real_states(self, tokens: torch.Tensor, real: torch.Tensor, width: int) -> torch.Tensor:
+    def _real_reads(self, tokens: torch.Tensor, real: torch.Tensor, width: int,
+                    answers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows, positions, d_model) unedited states at the relation layer of each row's real tokens, read
         from a forward of those tokens alone and put back at their positions (zeros at padding): a row padded
         on the left, as generation pads, must read what it reads unpadded (the nested forward has no attention
         mask, so padding run through it would change every later state). Every row holds a subject match, so
-        none is padding alone."""
+        none is padding alone. With ``answers`` (token ids) the forward runs to the end and also gives their
+        log-probabilities as the next token, (rows, positions, len(answers)); else None."""
         texts = [row[keep].tolist() for row, keep in zip(tokens, real)]
         placed = torch.zeros(*tokens.shape, width)
-        read = self._states(texts, layer=self.relation_layer).cpu()
+        if answers is None:
+            read, said = self._states(texts, layer=self.relation_layer).cpu(), None
+        else:
+            read, said = unedited_reads(self.model, texts, self.relation_layer, answers)
+        placed_said = None if said is None else torch.zeros(*tokens.shape, len(answers))
         for i, (keep, text) in enumerate(zip(real.cpu(), texts)):
-            placed[i, keep] = read[i, : len(text)]
-        return placed
+            placed[i, keep] = read[i, : len(text)].cpu()
+            if placed_said is not None:
+                placed_said[i, keep] = said[i, : len(text)].cpu()
+        return placed, placed_said
+
+    def _old_answers(self) -> torch.Tensor:
+        """(N,) the first token of each entry's old answer (``target_true``), for ``answer_logprob``."""
+        if self._answers is None or len(self._answers) != len(self.edited):
+            self._answers = torch.tensor([target_token_ids(self.model, fact.target_true)[0] if fact.target_true
+                                          else -1 for fact in self.edited], dtype=torch.long)
+        return self._answers
 
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> list[Route]:

@@ -201,3 +201,48 @@ def test_the_relation_check_reads_a_left_padded_row_as_it_reads_it_alone(tiny_ll
         assert [r.memory for r in editor.route(prompts)] == [0, None, None]
     finally:
         editor.undo()
+
+
+def _old_answer_best(model, prompt: str, subject: str, answer: str) -> float:
+    """The unedited model's best log-probability of ``answer``'s first token as the next token at a position
+    after the subject's last token of ``prompt`` (what ``answer_logprob`` is compared with)."""
+    from tracing.tokens import target_token_ids
+
+    ids = encode(model, prompt)
+    end = len(encode(model, prompt[: prompt.index(subject) + len(subject)])) - 1
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    return float(log_probs[end + 1:, target_token_ids(model, answer)[0]].max())
+
+
+def test_the_old_answer_check_lets_an_entry_answer_only_where_the_unedited_model_gives_its_old_answer(tiny_llama):
+    """``answer_logprob``: an entry answers only where, at some position after its subject, the unedited model
+    gives the edit's old answer at least that log-probability. Just below the edit prompt's own best value it
+    answers there; just above, the prompt keeps its unedited logits; a left-padded batch reads each row as
+    it reads it alone."""
+    best = _old_answer_best(tiny_llama, SAN_DIEGO.prompt, SAN_DIEGO.subject, SAN_DIEGO.target_true)
+    before = _last_logits(tiny_llama, SAN_DIEGO.prompt)
+    answered = {}
+    for offset in (-0.01, 0.01):
+        config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                     relation_similarity=None, relation_layer=3, answer_logprob=best + offset)
+        editor = SubjectMemoryEditor(config).attach(tiny_llama)
+        try:
+            editor.edit(SAN_DIEGO)
+            after = _last_logits(tiny_llama, SAN_DIEGO.prompt)
+            answered[offset] = bool((after - before).abs().max() > 1e-3)
+            if offset < 0:
+                prompts = [SAN_DIEGO.prompt, ELSEWHERE + " " + " ".join(["and then the weather changed"] * 8)]
+                alone = torch.stack([_last_logits(tiny_llama, p) for p in prompts])
+                rows, ids, mask = next(_left_padded_batches(tiny_llama, prompts, len(prompts)))
+                assert len({len(r) for r in rows}) > 1
+                with torch.no_grad():
+                    padded = tiny_llama.original_model(input_ids=ids, attention_mask=mask,
+                                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+                assert torch.allclose(padded, alone, atol=1e-4)
+            else:
+                assert torch.equal(after, before)
+                assert editor.route([SAN_DIEGO.prompt])[0].memory is None
+        finally:
+            editor.undo()
+    assert answered == {-0.01: True, 0.01: False}
