@@ -28,6 +28,11 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   and scoring took 1.7x as long (the nested forwards, run with every hook suspended). The nested forward
   sees token ids, not an attention mask: it runs each row's real tokens alone (padding, left as generation
   pads or right, is :func:`tracing.tokens.pad_id`) and puts the states back at their positions.
+  ``answer_logprob`` (off by default) adds an old-answer check: the entry answers only if, at some later
+  position, the unedited model gives the edit's old answer (``target_true``'s first token) at least that
+  log-probability (the nested forward then runs to the end); an edit rewrites an answer where the model
+  would have given the old one. On the keys of 1000 edits it kept more paraphrases than the relation
+  check alone at fewer other-relation prompts let through (docs/subject_memory.md).
   ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
   threshold is then ``similarity`` or, if higher, ``margin`` above the best match among the positions of
   held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
