@@ -18,14 +18,14 @@ def fresh_measurements(monkeypatch):
 
 
 def _fake_seconds(monkeypatch, seconds: dict[str, float]) -> None:
-    monkeypatch.setattr(precision, "matmul_seconds", lambda device_type, dtype: seconds[dtype])
+    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: seconds[dtype])
 
 
 def test_a_product_is_timed_in_each_dtype():
     for dtype in ("float32", "bfloat16"):
-        seconds = precision.matmul_seconds("cpu", dtype)
+        seconds = precision.matmul_seconds(dtype)
         assert 0 < seconds < 5 and math.isfinite(seconds)
-    assert precision.slowdown("cpu", "bfloat16") > 0
+    assert precision.slowdown("bfloat16") > 0
 
 
 def test_slower_low_precision_warns_once_with_the_ratio(monkeypatch):
@@ -43,7 +43,7 @@ def test_faster_low_precision_and_gpus_stay_silent(monkeypatch):
         warnings.simplefilter("error")
         precision.warn_if_slower("cpu", "bfloat16")
         precision.warn_if_slower("cuda", "float16")  # not timed: would fail without a GPU if it were
-    assert precision.slowdown("cpu", "bfloat16") == pytest.approx(0.5)
+    assert precision.slowdown("bfloat16") == pytest.approx(0.5)
 
 
 def test_the_target_optimisation_warns_where_autocast_is_slower(tiny_llama, monkeypatch):

@@ -181,23 +181,32 @@ def test_a_relation_layer_before_the_memory_is_refused_and_another_one_remakes_t
         loaded.undo()
 
 
+LONG_ELSEWHERE = ELSEWHERE + " " + " ".join(["and then the weather changed"] * 8)  # pads the others
+
+
+def _assert_left_padded_reads_as_alone(model, prompts: list[str]) -> None:
+    """Each row's last logits in a left-padded batch with an attention mask (as generation pads) equal
+    those of the row run by itself."""
+    alone = torch.stack([_last_logits(model, p) for p in prompts])
+    rows, ids, mask = next(_left_padded_batches(model, prompts, len(prompts)))
+    assert len({len(r) for r in rows}) > 1  # the batch is padded
+    with torch.no_grad():
+        padded = model.original_model(input_ids=ids, attention_mask=mask,
+                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    assert torch.allclose(padded, alone, atol=1e-4)
+
+
 def test_the_relation_check_reads_a_left_padded_row_as_it_reads_it_alone(tiny_llama):
     """Generation pads on the left and passes an attention mask; the check's nested forward to the relation
     layer sees token ids only, so it must run each row's real tokens alone. Each row's last logits in a
     left-padded batch equal those of the row run by itself, edited prompt and other relation alike."""
-    prompts = [SAN_DIEGO.prompt, OTHER_RELATION, ELSEWHERE + " " + " ".join(["and then the weather changed"] * 8)]
+    prompts = [SAN_DIEGO.prompt, OTHER_RELATION, LONG_ELSEWHERE]
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
                                  relation_similarity=0.8, relation_layer=3)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
-        alone = torch.stack([_last_logits(tiny_llama, p) for p in prompts])
-        rows, ids, mask = next(_left_padded_batches(tiny_llama, prompts, len(prompts)))  # as generation pads
-        assert len({len(r) for r in rows}) > 1  # the batch is padded
-        with torch.no_grad():
-            padded = tiny_llama.original_model(input_ids=ids, attention_mask=mask,
-                                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-        assert torch.allclose(padded, alone, atol=1e-4)
+        _assert_left_padded_reads_as_alone(tiny_llama, prompts)
         assert [r.memory for r in editor.route(prompts)] == [0, None, None]
     finally:
         editor.undo()
@@ -232,14 +241,7 @@ def test_the_old_answer_check_lets_an_entry_answer_only_where_the_unedited_model
             after = _last_logits(tiny_llama, SAN_DIEGO.prompt)
             answered[offset] = bool((after - before).abs().max() > 1e-3)
             if offset < 0:
-                prompts = [SAN_DIEGO.prompt, ELSEWHERE + " " + " ".join(["and then the weather changed"] * 8)]
-                alone = torch.stack([_last_logits(tiny_llama, p) for p in prompts])
-                rows, ids, mask = next(_left_padded_batches(tiny_llama, prompts, len(prompts)))
-                assert len({len(r) for r in rows}) > 1
-                with torch.no_grad():
-                    padded = tiny_llama.original_model(input_ids=ids, attention_mask=mask,
-                                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-                assert torch.allclose(padded, alone, atol=1e-4)
+                _assert_left_padded_reads_as_alone(tiny_llama, [SAN_DIEGO.prompt, LONG_ELSEWHERE])
             else:
                 assert torch.equal(after, before)
                 assert editor.route([SAN_DIEGO.prompt])[0].memory is None
