@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from editing.contexts import context_templates
     from editing.evaluate import locality_pairs
     from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
-    from editing.subject_spellings import SpellingIndex, subject_spellings
+    from editing.subject_spellings import SpellingIndex, subject_spellings, word_continuations
     from lifelong import embedded_stream, names_any
     from tracing.tokens import encode
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         editor.keys = editor._keys(facts, templates)
         editor.thresholds = [editor._threshold(k, f.subject) for k, f in zip(editor.keys, facts)]
         editor.spellings = [subject_spellings(model, f, contexts) for f in facts]
-        editor._index = SpellingIndex(editor.spellings)
+        editor._index = SpellingIndex(editor.spellings, word_continuations(model.tokenizer))
 
         def answering(prompts: list[str]) -> list[set[int]]:
             rows = [encode(model, p) for p in prompts]

@@ -64,7 +64,7 @@ from editing.other_relations import other_relation_templates
 from editing.prompts import in_context, subject_row
 from editing.relation_keys import RelationKeys, default_relation_layer, later_best, unedited_reads, unedited_states
 from editing.requests import validate_requests
-from editing.subject_spellings import SpellingIndex, subject_spellings
+from editing.subject_spellings import SpellingIndex, subject_spellings, word_continuations
 from editing.targets import TargetConfig, compute_targets
 from editing.weights import weight_fingerprint
 from tracing.activations import activations_at
@@ -185,7 +185,7 @@ class SubjectMemoryEditor(HookedEditor):
         if self.relation is not None and relation_layer != self.relation.layer:
             self.relation = None  # a memory saved under another relation layer: its keys are made again below
         self._calibrate(model, relation_layer)
-        self._index = SpellingIndex(self.spellings)
+        self._index = SpellingIndex(self.spellings, word_continuations(model.tokenizer))
         self._handles = add_permanent_hooks(model, [(ModelAdapter.token_ids, self._keep_tokens),
                                                     (ModelAdapter.resid_out(layer), self._answer)])
         require_full_forwards(model, self.method, self.config.match == "subject")
@@ -387,7 +387,7 @@ class SubjectMemoryEditor(HookedEditor):
         self.relation.add(relation_keys)
         self.thresholds += thresholds
         self.spellings += spellings
-        self._index = SpellingIndex(self.spellings)
+        self._index = SpellingIndex(self.spellings, word_continuations(model.tokenizer))
         self.subjects += [fact.subject for fact in requests]
         self.edited += requests
         bare = [subject_row(model, f.template, f.subject) for f in requests]

@@ -2,12 +2,15 @@
 
 BPE tokenisers spell a name differently at the start of a text, after a space or after punctuation
 ("Germany" vs " Germany"), so a subject has a few spellings: its tokens in the edit prompt, in each
-context template, alone and after a space. The subject memory answers only where one of them ends.
+context template, alone and after a space. The subject memory answers only where one of them ends, and
+only where the name ends there too: "Guinea" inside "Guinea-Bissau" or "Niger" inside "Nigerian" is
+another name, told by the token after it (:func:`word_continuations`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import AbstractSet, Sequence
 
 from editing.prompts import in_context
 from tracing.facts import Fact, encode_fact
@@ -26,11 +29,34 @@ def subject_spellings(model, fact: Fact, contexts: Sequence[str] = ("{}",)) -> l
     return list(dict.fromkeys(s for s in spellings if s))
 
 
+_CONTINUATIONS: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def word_continuations(tokenizer) -> frozenset[int]:
+    """Ids of the tokens that go on with the word before them: their text starts with a letter, a digit,
+    a hyphen or a partial UTF-8 byte (no leading space or punctuation). A subject's spelling followed by
+    one of them ends inside a longer name. Read once per tokenizer (one decode of the vocabulary)."""
+    try:
+        return _CONTINUATIONS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    found = frozenset(i for i, text in enumerate(texts) if text and (text[0].isalnum() or text[0] in "-\ufffd"))
+    try:
+        _CONTINUATIONS[tokenizer] = found
+    except TypeError:  # a tokenizer that cannot be weakly referenced is read again next time
+        pass
+    return found
+
+
 class SpellingIndex:
     """Entries' spellings by their last token, to find every (row, position, entry) where a spelling of
-    an entry's subject ends (the position of the subject's last token)."""
+    an entry's subject ends (the position of the subject's last token). ``continuing``: token ids after
+    which the name goes on (:func:`word_continuations`); a spelling followed by one is no match."""
 
-    def __init__(self, spellings: Sequence[Sequence[tuple[int, ...]]] = ()) -> None:
+    def __init__(self, spellings: Sequence[Sequence[tuple[int, ...]]] = (),
+                 continuing: AbstractSet[int] = frozenset()) -> None:
+        self._continuing = continuing
         self._by_last: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
         for entry, entry_spellings in enumerate(spellings):
             for spelling in entry_spellings:
@@ -41,6 +67,8 @@ class SpellingIndex:
         found: dict[tuple[int, int, int], None] = {}
         for r, row in enumerate(rows):
             for t, token in enumerate(row):
+                if t + 1 < len(row) and row[t + 1] in self._continuing:
+                    continue
                 for entry, spelling in self._by_last.get(token, ()):
                     n = len(spelling)
                     if t + 1 >= n and tuple(row[t + 1 - n: t + 1]) == spelling:

@@ -8,7 +8,7 @@ import torch
 
 from editing.generate import _left_padded_batches
 from editing.subject_memory import SubjectMemoryConfig, SubjectMemoryEditor
-from editing.subject_spellings import SpellingIndex, subject_spellings
+from editing.subject_spellings import SpellingIndex, subject_spellings, word_continuations
 from tracing.causal_trace import TraceConfig, choose_engine
 from tracing.facts import Fact
 from tracing.tokens import encode
@@ -26,6 +26,46 @@ def test_spellings_are_found_where_they_end_and_only_whole():
     assert found == [(0, 2, 0), (0, 2, 1), (0, 2, 2), (1, 0, 1), (1, 1, 1),
                      (2, 2, 0), (2, 2, 1), (2, 2, 2)]  # (2, 2, 2) once, though two of its spellings end there
     assert index.matches([[6, 5], []]) == ([0], [0], [1])
+
+
+def test_a_spelling_followed_by_a_token_that_goes_on_with_the_word_is_no_match():
+    index = SpellingIndex([[(5, 6)], [(6,)]], continuing={9})
+    rows, positions, entries = index.matches([[5, 6, 9, 2], [5, 6, 2], [6, 9], [6]])
+    assert sorted(zip(rows, positions, entries)) == [(1, 1, 0), (1, 1, 1), (3, 0, 1)]  # 9 after: no match
+
+
+GUINEA = Fact("Guinea", "In {}, the official language is", "French", "Uzbek")
+
+
+def test_word_continuations_are_the_tokens_inside_a_word(tiny_llama):
+    continuing = word_continuations(tiny_llama.tokenizer)
+    assert word_continuations(tiny_llama.tokenizer) is continuing  # read once per tokenizer
+    tokenizer = tiny_llama.tokenizer
+
+    def after(text: str, name: str) -> int:
+        """The id of the token that follows ``name``'s tokens in ``text``."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[len(tokenizer(name, add_special_tokens=False)["input_ids"])]
+
+    assert after("Guinea-Bissau is", "Guinea") in continuing
+    for text in ("Guinea, the", "Guinea is", "Guinea's capital", "Guinea."):
+        assert after(text, "Guinea") not in continuing, text
+
+
+def test_the_subject_gate_keeps_off_a_longer_name_that_starts_with_the_subject(tiny_llama):
+    """"Guinea" ends inside "Guinea-Bissau": the token after it goes on with the name, so the entry
+    stays silent there, and answers where the name ends ("Guinea,")."""
+    own, longer = GUINEA.prompt, "In Guinea-Bissau, the official language is"
+    before = {p: _last_logits(tiny_llama, p) for p in (own, longer)}
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 relation_similarity=None)
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(GUINEA)
+        assert (_last_logits(tiny_llama, own) - before[own]).abs().max() > 1e-3
+        assert torch.equal(_last_logits(tiny_llama, longer), before[longer])
+    finally:
+        editor.undo()
 
 
 def test_a_subject_is_spelled_as_in_its_prompt_alone_and_after_a_space(tiny_llama):

@@ -30,6 +30,10 @@ def test_a_position_reaches_a_memory_once_a_spelling_of_one_of_its_subjects_has_
     assert memory_owners([2, 0, 3]) == [0, 0, 2, 2, 2]
     with pytest.raises(ValueError, match="spellings"):
         SubjectGate([[(5,)]], [0, 0], 1)
+    # 9 goes on with the word before it: a spelling followed by it ends inside a longer name
+    longer = SubjectGate([[(5, 6)], [(7,), (8, 7)]], memory_owners([1, 1]), 2, continuing={9})
+    assert longer.reaches([[1, 5, 6, 9], [1, 5, 6, 2], [7, 9, 7]]).tolist() == [[False, True, False],  # memory 0
+                                                                               [False, False, True]]  # memory 1
 
 
 def test_prompts_that_do_not_spell_an_edited_subject_never_route_whatever_their_score(tiny_llama, attached):

@@ -23,7 +23,7 @@ from editing.editor import Editor, as_facts
 from editing.prompts import in_context, subject_row
 from editing.relation_keys import RelationKeys, running_best, unedited_states
 from editing.requests import validate_requests
-from editing.subject_spellings import subject_spellings
+from editing.subject_spellings import subject_spellings, word_continuations
 from editing.targets import frozen_weights
 from editing.weights import weight_fingerprint
 from editing.wise.calibration import FloorCalibrator
@@ -214,7 +214,8 @@ class WiseEditor(Editor):
         """Which memories a prompt may reach under ``route_match="subject"`` (rebuilt after every edit)."""
         if self._gate is None:
             memories = self.memories
-            self._gate = SubjectGate(self.spellings, memory_owners([m.n_edits for m in memories]), len(memories))
+            self._gate = SubjectGate(self.spellings, memory_owners([m.n_edits for m in memories]), len(memories),
+                                     word_continuations(self.model.tokenizer))
         return self._gate
 
     @torch.no_grad()

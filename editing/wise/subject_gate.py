@@ -12,7 +12,7 @@ first later position that asks the edit's relation.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import AbstractSet, Callable, Sequence
 
 import torch
 
@@ -32,10 +32,10 @@ class SubjectGate:
     position of a batch of token rows may reach."""
 
     def __init__(self, spellings: Sequence[Sequence[tuple[int, ...]]], owners: Sequence[int],
-                 n_memories: int) -> None:
+                 n_memories: int, continuing: AbstractSet[int] = frozenset()) -> None:
         if len(spellings) != len(owners):
             raise ValueError(f"{len(spellings)} edits have spellings but the memories hold {len(owners)}")
-        self.index = SpellingIndex(spellings)
+        self.index = SpellingIndex(spellings, continuing)
         self.owners = torch.tensor(list(owners), dtype=torch.long)
         self.n_memories = n_memories
 
