@@ -67,9 +67,10 @@ class SpellingIndex:
         found: dict[tuple[int, int, int], None] = {}
         for r, row in enumerate(rows):
             for t, token in enumerate(row):
-                if t + 1 < len(row) and row[t + 1] in self._continuing:
+                candidates = self._by_last.get(token)
+                if not candidates or (t + 1 < len(row) and row[t + 1] in self._continuing):
                     continue
-                for entry, spelling in self._by_last.get(token, ()):
+                for entry, spelling in candidates:
                     n = len(spelling)
                     if t + 1 >= n and tuple(row[t + 1 - n: t + 1]) == spelling:
                         found[(r, t, entry)] = None

@@ -19,7 +19,8 @@ def with_smaller_parameters(notebook, values: dict[str, int]):
     """The notebook with a cell setting ``values`` after its parameters cell, which must define each name."""
     if not values:
         return notebook
-    index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    index = next((i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])), None)
+    assert index is not None, "the notebook has no cell tagged 'parameters'"
     assigned = {line.split("=")[0].strip() for line in notebook.cells[index].source.splitlines() if "=" in line}
     assert set(values) <= assigned, f"the parameters cell sets {sorted(assigned)}, not {sorted(values)}"
     source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
