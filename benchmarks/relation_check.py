@@ -16,12 +16,12 @@ the held-out facts, both also on the prompts naming no edited subject, and route
 ``--start``: the stream's first fact in the bundled pool (0; 1000 streams facts no threshold was chosen on).
 ``--method``: the subject memory (default) or WISE, each with its defaults but the check. ``--autocast``:
 the subject memory's δ optimisation. ``--relation-layer``: the layer whose residual the check reads
-(default: the method's, 0.8 of the depth; for WISE before its side layer). ``--memory``: where
+(default: the method's; 0.9 of the depth for the subject memory, 0.8 for WISE, before its side layer). ``--memory``: where
 the stream's memory is saved every ten calls (atomically); run again, it goes on from there, and a finished
 memory is scored without editing again (its relation keys are made again if they belong to another relation
 layer). ``--answer-logprob``: the subject memory's old-answer check beside the relation check (an entry
 answers only where the unedited model gives its old answer at least that log-probability after the
-subject; ``SubjectMemoryConfig.answer_logprob``). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
+subject; ``SubjectMemoryConfig.answer_logprob``, -5 by default; ``off``: the relation check alone). ``--scorings``: the other two scorings of ``editing.scoring`` beside the token accuracy every row
 has (probability comparison: ES / PS / NS; generated answers: gen-Rel / gen-Gen / gen-Loc), each under its
 name in the row, their unedited baselines recorded before the first edit. ``--unedited``: first a row of the
 unedited model on the same facts in the same scorings (``method`` "unedited"; the floor the table reads the
@@ -47,6 +47,10 @@ def parse_thresholds(text: str) -> list[float | None]:
     return [None if part.strip() == "off" else float(part) for part in text.split(",") if part.strip()]
 
 
+def parse_logprob(text: str) -> float | str:
+    return "off" if text.strip() == "off" else float(text)
+
+
 def parse_scorings(text: str) -> tuple[str, ...]:
     from editing.scoring import SCORINGS
 
@@ -68,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                         help="the δ optimisation under torch.autocast (editing.targets.TargetConfig)")
     parser.add_argument("--relation-layer", type=int, default=None)
-    parser.add_argument("--answer-logprob", type=float, default=None,
-                        help="subject memory: also the old-answer check at this log-probability "
-                             "(SubjectMemoryConfig.answer_logprob)")
+    parser.add_argument("--answer-logprob", type=parse_logprob, default=None,
+                        help="subject memory: the old-answer check at this log-probability, or off "
+                             "(SubjectMemoryConfig.answer_logprob; default: the config's)")
     parser.add_argument("--memory", default=None, help="save / resume the stream's memory here")
     parser.add_argument("--scorings", type=parse_scorings, default=(),
                         help="also score with these (comma-separated: probability, generated)")
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from editing.wise import WiseConfig, WiseEditor
     from lifelong import _unedited, _weighted, embedded_stream, routing_shares
 
+    if args.answer_logprob is None:  # the subject memory's default, "off": the relation check alone
+        args.answer_logprob = SubjectMemoryConfig.answer_logprob if args.method == "subject-memory" else None
+    elif args.answer_logprob == "off":
+        args.answer_logprob = None
     model, facts, held_out = embedded_stream(args.edits, args.threads, args.start)
     if args.method == "wise":
         editor_class, config = WiseEditor, WiseConfig(relation_layer=args.relation_layer)

@@ -27,12 +27,12 @@ from tracing.facts import SLOT, Fact
 from tracing.hooks import hooks_suspended
 from tracing.tokens import encode, right_padded
 
-RELATION_DEPTH = 0.8  # where the check reads by default: layer 24 of SmolLM2's 30 (docs/subject_memory.md)
+RELATION_DEPTH = 0.8  # where WISE's check reads by default: layer 24 of SmolLM2's 30 (docs/subject_memory.md)
 
 
-def default_relation_layer(n_layers: int) -> int:
-    """The layer at ``RELATION_DEPTH`` of a model with ``n_layers`` blocks."""
-    return int(RELATION_DEPTH * n_layers)
+def default_relation_layer(n_layers: int, depth: float = RELATION_DEPTH) -> int:
+    """The layer at ``depth`` (a fraction) of a model with ``n_layers`` blocks."""
+    return int(depth * n_layers)
 
 
 @torch.no_grad()

@@ -21,18 +21,21 @@ each edit's δ *beside* the model instead, in a codebook keyed by the same resid
   the centred state at the last token of its edit prompt over the context templates, with the bare
   subject's direction projected out. It reads later tokens (as WISE's router reads the whole prompt), so a
   δ written for one relation stays off the subject's other relations ("{subject} was born in" after
-  "{subject}'s mother tongue"). It reads them at ``relation_layer`` (default: 0.8 of the depth), where the
+  "{subject}'s mother tongue"). It reads them at ``relation_layer`` (default: 0.9 of the depth), where the
   relation has formed (separation AUC 0.82 at layer 5 of SmolLM2, where the memory writes; 0.94 at layer
-  24): the hook at ``layer`` runs the unedited model on to that layer for the rows where a subject matched.
-  At T = 1000 (threshold 0.5) Loc. 0.81 -> 0.975, Unrel. 0.77 -> 0.97, Rel. 0.93 -> 0.97, Gen. 0.80 -> 0.75,
-  and scoring took 1.7x as long (the nested forwards, run with every hook suspended). The nested forward
+  24, 0.95 at 27): the hook at ``layer`` runs the unedited model on to that layer for the rows where a
+  subject matched. At T = 1000 (layer 24, threshold 0.5) Loc. 0.81 -> 0.975, Unrel. 0.77 -> 0.97, Rel. 0.93
+  -> 0.97, Gen. 0.80 -> 0.75, and scoring took 1.7x as long (the nested forwards, run with every hook
+  suspended). The nested forward
   sees token ids, not an attention mask: it runs each row's real tokens alone (padding, left as generation
   pads or right, is :func:`tracing.tokens.pad_id`) and puts the states back at their positions.
-  ``answer_logprob`` (off by default) adds an old-answer check: the entry answers only if, at some later
-  position, the unedited model gives the edit's old answer (``target_true``'s first token) at least that
-  log-probability (the nested forward then runs to the end); an edit rewrites an answer where the model
-  would have given the old one. On the keys of 1000 edits it kept more paraphrases than the relation
-  check alone at fewer other-relation prompts let through (docs/subject_memory.md).
+  ``answer_logprob`` (on by default, -5) adds an old-answer check: the entry answers only if, at some
+  later position, the unedited model gives the edit's old answer (``target_true``'s first token) at least
+  that log-probability (the nested forward then runs to the end); an edit rewrites an answer where the
+  model would have given the old one. With it the relation check's threshold is 0.4. Against the relation
+  check alone (layer 24, 0.5), at T = 1000 in float32: Gen. 0.764 -> 0.806, Loc. 0.975 -> 0.980, Rel. and
+  Unrel. level; on 200 held-out facts Gen. 0.765 -> 0.830 (docs/subject_memory.md). On a model that does
+  not know the old answers (a tiny random one) the check blocks every edit: pass ``answer_logprob=None``.
   ``match="state"`` drops the spelling and asks the similarity alone to tell subjects apart: a key's
   threshold is then ``similarity`` or, if higher, ``margin`` above the best match among the positions of
   held-out fact prompts that do not name its subject (:func:`tracing.candidates.unused_fact_prompts`).
@@ -78,6 +81,7 @@ from tracing.layer_set import critical_layers_for
 from tracing.tokens import encode, pad_id, target_token_ids
 
 FILE_KEY = "factlens_subject_memory"
+RELATION_DEPTH = 0.9  # where the relation check reads by default: layer 27 of SmolLM2's 30
 MATCHES = ("subject", "state")
 
 
@@ -93,9 +97,9 @@ class SubjectMemoryConfig:
     margin: float = 0.02  # state gate: a key's threshold sits this far above its best held-out match
     calibration: int = 256  # held-out fact prompts whose positions set the thresholds
     other_relations: int = 0  # per edit: prompts about its subject in other relations whose answers δ keeps
-    relation_similarity: float | None = 0.5  # a later position must be this similar to the relation key
-    relation_layer: int | None = None  # the residual the check reads (None: 0.8 of the depth, >= layer)
-    answer_logprob: float | None = None  # and a later position gives the old answer this log-p, unedited
+    relation_similarity: float | None = 0.4  # a later position must be this similar to the relation key
+    relation_layer: int | None = None  # the residual the check reads (None: 0.9 of the depth, >= layer)
+    answer_logprob: float | None = -5.0  # and a later position gives the old answer this log-p, unedited
     targets: TargetConfig = field(default_factory=TargetConfig)
     context_prefixes: tuple[str, ...] = MemitConfig.context_prefixes
     context_length: int = MemitConfig.context_length
@@ -126,7 +130,7 @@ class SubjectMemoryConfig:
         layer = self.resolved_layer(model)
         n_layers = ModelAdapter.of(model).n_layers
         if self.relation_layer is None:
-            return max(layer, default_relation_layer(n_layers))
+            return max(layer, default_relation_layer(n_layers, RELATION_DEPTH))
         if not layer <= self.relation_layer < n_layers:
             raise ValueError(f"relation_layer must be in [{layer}, {n_layers}) (the memory's layer or later), "
                              f"got {self.relation_layer}")
@@ -453,6 +457,8 @@ class SubjectMemoryEditor(HookedEditor):
         settings = dict(meta["config"])
         settings["targets"] = TargetConfig(**settings["targets"])
         settings["context_prefixes"] = tuple(settings["context_prefixes"])
+        if settings.get("relation_layer") is None and "relation_layer" in meta:  # the layer it was saved with,
+            settings["relation_layer"] = meta["relation_layer"]  # not today's default depth
         editor = cls(SubjectMemoryConfig(**settings))
         editor.keys, editor.deltas, editor.centre = tensors["keys"], tensors["deltas"], tensors["centre"]
         editor.layer, editor.thresholds = meta["layer"], list(meta["thresholds"])

@@ -35,7 +35,7 @@ CONFIGS = {
     # the tiny model's C0 has no eigenvalue below the papers' 2e-2: a threshold that leaves a null space
     "alphaedit": AlphaEditConfig(layers=(1, 2), corpus=CORPUS, show_progress=False, nullspace_threshold=3.0, l2=0.1),
     # a random model has no subject identity across contexts: key on the bare prompt alone
-    "subject-memory": SubjectMemoryConfig(layer=2, calibration=32, context_prefixes=()),
+    "subject-memory": SubjectMemoryConfig(layer=2, calibration=32, context_prefixes=(), answer_logprob=None),
 }
 FACTS = [Fact("Eiffel Tower", "The {} is located in the city of", "Paris", "Rome"),
          Fact("Germany", "The capital of {} is", "Berlin", "Madrid")]

@@ -58,7 +58,7 @@ def test_the_subject_gate_keeps_off_a_longer_name_that_starts_with_the_subject(t
     own, longer = GUINEA.prompt, "In Guinea-Bissau, the official language is"
     before = {p: _last_logits(tiny_llama, p) for p in (own, longer)}
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                 relation_similarity=None)
+                                 relation_similarity=None, answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(GUINEA)
@@ -88,7 +88,7 @@ def test_the_subject_gate_answers_on_the_subject_and_not_on_a_shared_token(tiny_
     before = {p: _last_logits(tiny_llama, p) for p in (ON_SUBJECT, SHARED_TOKEN, ELSEWHERE)}
     # similarity -1 and no relation check: every key matches every state, so only the spelling decides
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                 relation_similarity=None)
+                                 relation_similarity=None, answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
@@ -107,7 +107,8 @@ def test_the_subject_gate_answers_on_the_subject_and_not_on_a_shared_token(tiny_
 
 def test_the_state_gate_alone_answers_wherever_a_key_matches(tiny_llama):
     before = _last_logits(tiny_llama, SHARED_TOKEN)
-    config = SubjectMemoryConfig(layer=2, calibration=0, context_prefixes=(), match="state", similarity=-1.0)
+    config = SubjectMemoryConfig(layer=2, calibration=0, context_prefixes=(), match="state", similarity=-1.0,
+                                 answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
@@ -118,7 +119,8 @@ def test_the_state_gate_alone_answers_wherever_a_key_matches(tiny_llama):
 
 
 def test_saved_spellings_come_back(tiny_llama, tmp_path):
-    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0)
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
@@ -157,7 +159,8 @@ def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_
     prompts = (SAN_DIEGO.prompt, OTHER_RELATION)
     before = {p: _last_logits(tiny_llama, p) for p in prompts}
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                 relation_similarity=0.8, relation_layer=relation_layer)  # contexts "{}" only:
+                                 relation_similarity=0.8, relation_layer=relation_layer,
+                                 answer_logprob=None)  # contexts "{}" only:
     # the key is the prompt's last state less its subject direction (0.92 / 0.97 similar to the prompt's last
     # state at layer 2 / 3, 0.32 / 0.29 at most for the other relation)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
@@ -177,7 +180,7 @@ def test_the_relation_check_keeps_an_edit_off_its_subjects_other_relations(tiny_
     finally:
         editor.undo()
     without = SubjectMemoryEditor(SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                                      relation_similarity=None)).attach(tiny_llama)
+                                                      relation_similarity=None, answer_logprob=None)).attach(tiny_llama)
     try:
         without.edit(SAN_DIEGO)  # no relation check: the δ reaches the other relation too
         assert (_last_logits(tiny_llama, OTHER_RELATION) - before[OTHER_RELATION]).abs().max() > 1e-3
@@ -195,8 +198,9 @@ def test_a_relation_layer_before_the_memory_is_refused_and_another_one_remakes_t
     """The relation is read at the memory's layer or later; a memory saved with relation keys of one layer,
     attached under a config naming another, makes them again there (the entries stay as they were)."""
     with pytest.raises(ValueError, match="relation_layer must be in \\[2, 4\\)"):
-        SubjectMemoryEditor(SubjectMemoryConfig(layer=2, relation_layer=1)).attach(tiny_llama)
-    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), relation_layer=2)
+        SubjectMemoryEditor(SubjectMemoryConfig(layer=2, relation_layer=1, answer_logprob=None)).attach(tiny_llama)
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), relation_layer=2,
+                                 answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
@@ -217,6 +221,31 @@ def test_a_relation_layer_before_the_memory_is_refused_and_another_one_remakes_t
         assert torch.allclose(loaded.relation_keys, direct.relation_keys, atol=1e-5)
         assert not torch.allclose(loaded.relation_keys, editor.relation_keys, atol=1e-2)
         assert torch.equal(loaded.deltas, editor.deltas)
+    finally:
+        loaded.undo()
+
+
+def test_a_memory_saved_under_another_default_relation_layer_loads_with_the_layer_it_was_saved_with(
+        tiny_llama, tmp_path, monkeypatch):
+    """A config that left ``relation_layer`` to the default depth is saved with the layer that depth gave;
+    when the default moves (0.8 -> 0.9 of the depth, 2026-12-04), the loaded memory still reads there."""
+    config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
+                                 relation_similarity=0.0, answer_logprob=None)
+    monkeypatch.setattr("editing.subject_memory.RELATION_DEPTH", 0.5)  # layer 2 of 4
+    editor = SubjectMemoryEditor(config).attach(tiny_llama)
+    try:
+        editor.edit(SAN_DIEGO)
+        assert editor.relation_layer == 2
+        path = editor.save(tmp_path / "memory.safetensors")
+        expected = _last_logits(tiny_llama, ON_SUBJECT)
+    finally:
+        editor.undo()
+    monkeypatch.undo()
+    assert config.resolved_relation_layer(tiny_llama) == 3
+    loaded = SubjectMemoryEditor.load(path, tiny_llama)
+    try:
+        assert loaded.relation_layer == 2 and torch.equal(loaded.relation_keys, editor.relation_keys)
+        assert torch.equal(_last_logits(tiny_llama, ON_SUBJECT), expected)
     finally:
         loaded.undo()
 
@@ -242,7 +271,7 @@ def test_the_relation_check_reads_a_left_padded_row_as_it_reads_it_alone(tiny_ll
     left-padded batch equal those of the row run by itself, edited prompt and other relation alike."""
     prompts = [SAN_DIEGO.prompt, OTHER_RELATION, LONG_ELSEWHERE]
     config = SubjectMemoryConfig(layer=2, calibration=16, context_prefixes=(), subject_similarity=-1.0,
-                                 relation_similarity=0.8, relation_layer=3)
+                                 relation_similarity=0.8, relation_layer=3, answer_logprob=None)
     editor = SubjectMemoryEditor(config).attach(tiny_llama)
     try:
         editor.edit(SAN_DIEGO)
