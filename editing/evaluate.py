@@ -228,10 +228,12 @@ class NoDataError(ValueError):
 
 @dataclass(frozen=True)
 class AccuracySummary:
-    """Rel./Gen./Loc.: target-token accuracy on edit prompts, on paraphrases, and agreement with the
-    unedited model on locality prompts, with how many prompts each read. ``locality`` is None (and
-    ``n_locality`` 0) only when every locality prompt of these facts is itself edited in the run, or (as
-    ``generalization``) when the dataset has no such prompt and the metric was not required."""
+    """Rel./Gen./Loc.: the share of hits on edit prompts, on paraphrases, and of agreement with the
+    unedited model on locality prompts, with how many prompts each read. ``scoring`` says what a hit is:
+    ``token`` (target-token accuracy under teacher forcing, here) or ``generated`` (greedy generation
+    starts with the target, :mod:`editing.generated_answers`). ``locality`` is None (and ``n_locality`` 0)
+    only when every locality prompt of these facts is itself edited in the run, or (as ``generalization``)
+    when the dataset has no such prompt and the metric was not required."""
 
     n_cases: int
     reliability: float
@@ -239,9 +241,10 @@ class AccuracySummary:
     locality: float | None
     n_generalization: int = 0
     n_locality: int = 0
+    scoring: str = "token"
 
     def as_dict(self) -> dict:
-        return {"scoring": "token", **asdict(self)}
+        return {"scoring": self.scoring, **{k: v for k, v in asdict(self).items() if k != "scoring"}}
 
 
 def merge_accuracy(parts: Sequence[AccuracySummary]) -> AccuracySummary:
@@ -249,6 +252,9 @@ def merge_accuracy(parts: Sequence[AccuracySummary]) -> AccuracySummary:
     numbers as one pass over all their prompts (every metric is a mean over prompts)."""
     if not parts:
         raise NoDataError("no summaries to merge")
+    scorings = {p.scoring for p in parts}
+    if len(scorings) > 1:
+        raise ValueError(f"cannot merge summaries of different scorings: {sorted(scorings)}")
 
     def mean(key: str, count: str) -> float | None:
         weights = [(getattr(p, count), getattr(p, key)) for p in parts if getattr(p, count)]
@@ -257,7 +263,8 @@ def merge_accuracy(parts: Sequence[AccuracySummary]) -> AccuracySummary:
 
     return AccuracySummary(sum(p.n_cases for p in parts), mean("reliability", "n_cases"),
                            mean("generalization", "n_generalization"), mean("locality", "n_locality"),
-                           sum(p.n_generalization for p in parts), sum(p.n_locality for p in parts))
+                           sum(p.n_generalization for p in parts), sum(p.n_locality for p in parts),
+                           scorings.pop())
 
 
 @dataclass(frozen=True)

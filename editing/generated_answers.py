@@ -19,12 +19,12 @@ Normalisation: lower case, whitespace collapsed to single spaces, stripped. Batc
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from editing.evaluate import NoDataError, fact_locality_pairs, locality_pairs
+from editing.evaluate import AccuracySummary, NoDataError, fact_locality_pairs, locality_pairs
 from editing.generate import greedy_continuations
 from tracing.facts import Fact
 from tracing.tokens import target_token_ids
@@ -96,27 +96,11 @@ class GeneratedHits:
         return GeneratedHits(*(tuple(hit for part in parts for hit in getattr(part, key))
                                for key in ("reliability", "generalization", "locality")))
 
-    def summary(self) -> "GeneratedSummary":
+    def summary(self) -> AccuracySummary:
         def mean(hits):
             return float(np.mean(hits)) if hits else None
-        return GeneratedSummary(len(self.reliability), mean(self.reliability), mean(self.generalization),
-                                mean(self.locality), len(self.generalization), len(self.locality))
-
-
-@dataclass(frozen=True)
-class GeneratedSummary:
-    """gen-Rel / gen-Gen / gen-Loc and how many prompts each read (``locality`` None when every locality
-    prompt is itself edited in the run)."""
-
-    n_cases: int
-    reliability: float
-    generalization: float | None
-    locality: float | None
-    n_generalization: int = 0
-    n_locality: int = 0
-
-    def as_dict(self) -> dict:
-        return {"scoring": SCORING, **asdict(self)}
+        return AccuracySummary(len(self.reliability), mean(self.reliability), mean(self.generalization),
+                               mean(self.locality), len(self.generalization), len(self.locality), SCORING)
 
 
 def generated_hits(model, facts: Sequence[Fact], baseline: GeneratedBaseline, edited: Iterable[Fact] = (),
@@ -137,7 +121,7 @@ def generated_hits(model, facts: Sequence[Fact], baseline: GeneratedBaseline, ed
 
 
 def evaluate_generated(model, facts: Sequence[Fact], baseline: GeneratedBaseline, edited: Iterable[Fact] = (),
-                       batch_size: int = 32) -> GeneratedSummary:
+                       batch_size: int = 32) -> AccuracySummary:
     """gen-Rel / gen-Gen / gen-Loc of ``facts`` now, locality against ``baseline`` (:func:`generated_baseline`
     with the same ``edited``). Records with no paraphrase or no locality prompt at all raise
     :class:`NoDataError`, as :func:`editing.evaluate.evaluate_accuracy` does."""

@@ -119,6 +119,23 @@ def test_per_call_reads_merge_to_one_read_of_all_facts(tiny_llama, facts):
             assert merged[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), (s.name, key)
 
 
+def test_generated_and_token_summaries_share_one_shape_and_never_merge_into_one_number():
+    """Both token and generated reads summarise into AccuracySummary, labelled by scoring; merging a token
+    read with a generated one would average two different hit definitions, so it is refused."""
+    from editing.evaluate import AccuracySummary, merge_accuracy
+    from editing.generated_answers import GeneratedHits
+
+    generated = GeneratedHits((True, False), (True,), (False, False, True)).summary()
+    assert isinstance(generated, AccuracySummary)
+    assert generated.as_dict() == {"scoring": "generated", "n_cases": 2, "reliability": 0.5, "generalization": 1.0,
+                                   "locality": pytest.approx(1 / 3), "n_generalization": 1, "n_locality": 3}
+    token = AccuracySummary(1, 1.0, None, 0.0, 0, 1)
+    doubled = {**generated.as_dict(), "n_cases": 4, "n_generalization": 2, "n_locality": 6}
+    assert merge_accuracy([generated, generated]).as_dict() == doubled
+    with pytest.raises(ValueError, match="different scorings"):
+        merge_accuracy([generated, token])
+
+
 def test_protocols_edit_then_score_and_one_call_after_each_is_after_all(tiny_llama, facts):
     from conftest import weights_digest
     from editing.editor import create_editor
