@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,8 +158,8 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "prompt": args.prompt, "subject": args.subject, "answer": exact.answer,
         "kinds": list(args.kinds), "samples": args.samples, "n_tokens": n_tokens, "n_layers": n_layers,
-        "torch_threads": torch.get_num_threads(),
-        "reference_cpu_s": reference_s, "exact_cpu_s": exact_s, "scan_cpu_s": scan_s,
+        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+        "atp_space": config.atp_space, "reference_cpu_s": reference_s, "exact_cpu_s": exact_s, "scan_cpu_s": scan_s,
         "exact_vs_reference": reference_s / exact_s, "scan_vs_exact": exact_s / scan_s,
         "max_abs_diff": max_diff, "scan_pearson_mlp": pearson.get("mlp"), "scan_pearson": pearson,
         "gflop": {name: value / 1e9 for name, value in flops.items()},

@@ -26,7 +26,7 @@ import torch
 
 from tracing.adapter import KINDS, ModelAdapter
 from tracing.attribution import (DIRECTIONS, attribution_patching, attribution_patching_batch, check_direction,
-                                 check_steps)
+                                 check_space, check_steps)
 from tracing.blocks import EngineUnsupported
 from tracing.corruption import Corruption, check_corruption, gaussian, symmetric
 from tracing.engine import Cell, EngineOutput, PrefixEngine, ReferenceEngine, TraceInputs, needs_full_forwards
@@ -76,6 +76,7 @@ class TraceConfig:
     tokens: str = "all"
     fact_batch: int = 8  # facts per forward/backward when many facts are scanned (method "atp")
     atp_steps: int = 1  # method "atp": gradients averaged over this many noise scales (1: plain AtP)
+    atp_space: str = "log_odds"  # method "atp": linear in the answer's log-odds ("log_odds") or the metric itself
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,6 +85,7 @@ class TraceConfig:
         check_metric(self.metric)
         check_direction(self.direction)
         check_steps(self.atp_steps, self.direction)
+        check_space(self.atp_space)
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
@@ -135,6 +137,8 @@ class FactTrace:
     metric: str = "prob"  # or "logit_diff" (against ``counterfactual``)
     counterfactual: str | None = None
     direction: str = "denoising"  # or "noising"
+    atp_space: str | None = None  # method "atp": where the estimate was linear ("log_odds", "metric"); files
+    # saved before 2026-12-07 load with None (their AtP estimates were linear in the metric)
 
     @property
     def correct(self) -> bool:
@@ -228,7 +232,7 @@ def trace_facts_scanned(model, facts: Sequence[Fact], config: TraceConfig) -> li
     for start in range(0, len(prepared), config.fact_batch):
         chunk = prepared[start: start + config.fact_batch]
         outputs = attribution_patching_batch(model, [p.inputs for p in chunk], config.kinds, config.window,
-                                             config.direction, config.atp_steps)
+                                             config.direction, config.atp_steps, config.atp_space)
         traces += [_finished(model, p, output, "atp", config) for p, output in zip(chunk, outputs)]
     return traces
 
@@ -326,7 +330,7 @@ def _prepared(model, prepared: _Prepared) -> _Prepared:
 def _trace(model, prepared: _Prepared, config: TraceConfig) -> FactTrace:
     if config.method == "atp":
         output, engine = attribution_patching(model, prepared.inputs, config.kinds, config.window,
-                                              config.direction, config.atp_steps), "atp"
+                                              config.direction, config.atp_steps, config.atp_space), "atp"
     else:
         output, engine = _run_engine(model, prepared.inputs, config)
     return _finished(model, prepared, output, engine, config)
@@ -365,6 +369,7 @@ def _finished(model, prepared: _Prepared, output: EngineOutput, engine: str, con
         metric=config.metric,
         counterfactual=prepared.counterfactual,
         direction=config.direction,
+        atp_space=config.atp_space if config.method == "atp" else None,
     )
 
 

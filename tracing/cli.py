@@ -228,6 +228,10 @@ def add_trace_choices(parser: argparse.ArgumentParser, method_option: str = "--m
     parser.add_argument("--atp-steps", type=int, default=1,
                         help="with the atp method: average the gradient over this many noise scales "
                              "(integrated gradients; 1, the default, is plain attribution patching)")
+    parser.add_argument("--atp-space", choices=("log_odds", "metric"), default="log_odds",
+                        help="with the atp method: where the estimate is linear: log_odds (default) linearises the "
+                             "answer's log-odds and reads the estimate back as a probability; metric linearises "
+                             "the metric itself (plain AtP)")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian",
                         help="gaussian: noise on the subject's embeddings (ROME, default); symmetric: the subject "
                              "replaced by other bundled subjects of the same token length")
@@ -239,6 +243,8 @@ def check_trace_choices(args: argparse.Namespace) -> None:
     """Refuse combinations of the trace options that cannot work, before any model is loaded."""
     if args.atp_steps != 1 and args.trace_method != "atp":
         fail(f"--atp-steps {args.atp_steps} needs --method atp (exact tracing has no gradient to average)")
+    if args.atp_space != "log_odds" and args.trace_method != "atp":
+        fail(f"--atp-space {args.atp_space} needs --method atp (exact tracing estimates nothing)")
     from tracing.attribution import check_steps  # the one definition of valid steps (imports torch)
 
     try:

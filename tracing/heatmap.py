@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = TraceConfig(kinds=kinds, samples=args.samples, noise=args.noise, window=args.window,
                          seed=args.seed, engine=args.engine, method=args.trace_method, corruption=args.corruption,
-                         metric=args.metric, direction=args.direction, atp_steps=args.atp_steps)
+                         metric=args.metric, direction=args.direction, atp_steps=args.atp_steps,
+                         atp_space=args.atp_space)
     started = time.perf_counter()
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=args.device)

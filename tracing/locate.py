@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     current = init_from_environment()
     config = TraceConfig(kinds=args.kinds, samples=args.samples, show_progress=current.is_main,
                          method=args.trace_method, corruption=args.corruption, metric=args.metric,
-                         fact_batch=args.fact_batch, atp_steps=args.atp_steps)
+                         fact_batch=args.fact_batch, atp_steps=args.atp_steps, atp_space=args.atp_space)
     device = args.device or (local_device() if current.size > 1 else None)
     with cli.user_errors(UnknownModelError, ModelUnavailableError):
         model = load_model(args.model, device=device)

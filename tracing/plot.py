@@ -121,7 +121,10 @@ def trace_title(trace) -> str:
 
 def describe_trace(trace) -> str:
     """How a trace was made, in one line: method, corruption, metric, direction."""
-    method = "attribution patching (linear estimate)" if trace.method == "atp" else "exact"
+    method = "exact"
+    if trace.method == "atp":
+        linear = "log-odds" if trace.atp_space == "log_odds" and trace.metric == "prob" else "the metric"
+        method = f"attribution patching (linear in {linear})"
     if trace.corruption == "symmetric":
         corruption = f"symmetric replacement by {trace.samples} subject(s) of equal token length"
     else:
