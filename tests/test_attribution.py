@@ -211,7 +211,7 @@ def test_locate_cli_with_atp_as_first_pass(tiny_llama, tmp_path, monkeypatch, ca
     monkeypatch.setattr(models, "load_model", lambda name, **kwargs: tiny_llama)
     assert locate.main(["tiny-llama", "--facts", "3", "--trace-method", "atp", "--samples", "2",
                         "--include-wrong"]) == 0
-    assert "traced by attribution patching" in capsys.readouterr().out
+    assert "traced by attribution patching (linear in log-odds)" in capsys.readouterr().out
     assert (tmp_path / "cache" / "critical_layers" / "tiny-llama.json").is_file()
 
 
@@ -354,6 +354,11 @@ def test_atp_space_is_a_choice_of_the_probability_metric_only_and_refused_when_u
     for kind in traces[0].kinds:
         np.testing.assert_array_equal(traces[0].scores[kind], traces[1].scores[kind])
     assert traces[0].atp_space == "log_odds" and trace_prompt(tiny_llama, PROMPT, SUBJECT, config=QUIET).atp_space is None
+    from tracing.plot import describe_trace
+
+    probability = trace_prompt(tiny_llama, PROMPT, SUBJECT, config=dataclasses.replace(QUIET, method="atp"))
+    assert "attribution patching (linear in log-odds)" in describe_trace(probability)  # the title says how
+    assert "attribution patching (linear in the metric)" in describe_trace(traces[0])  # logit_diff: no read-back
     with pytest.raises(ValueError, match="unknown atp space 'odds'"):
         TraceConfig(method="atp", atp_space="odds")
     with pytest.raises(SystemExit) as exit_info:

@@ -34,6 +34,7 @@ from tracing.average import (AverageEffect, CriticalLayers, average_indirect_eff
 from tracing.causal_trace import FactTrace, TraceConfig
 from tracing.facts import Fact, spread
 from tracing.layer_set import LayerSet, packaged_path, save_critical_layers
+from tracing.metrics import atp_space_label
 from tracing.models import ModelUnavailableError, UnknownModelError, model_spec
 
 
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     name = model_spec(model).name
-    print(f"traced by {'attribution patching (linear estimates)' if config.method == 'atp' else 'exact tracing'}, "
-          f"{config.corruption} corruption, metric {config.metric}")
+    linear = atp_space_label(config.atp_space, config.metric)
+    method = f"attribution patching (linear in {linear})" if config.method == "atp" else "exact tracing"
+    print(f"traced by {method}, {config.corruption} corruption, metric {config.metric}")
     print(f"{result.effects['mlp'].n_facts} of {min(args.facts, len(facts))} facts predicted correctly")
     for kind, effect in result.effects.items():
         curve = effect.role("last subject token")

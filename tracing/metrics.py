@@ -32,3 +32,10 @@ def metric_label(metric: str, answer: str, counterfactual: str | None) -> str:
     if metric == "logit_diff":
         return f"logit({answer.strip()}) − logit({(counterfactual or '?').strip()})"
     return f"p({answer.strip()})"
+
+
+def atp_space_label(space: str | None, metric: str) -> str:
+    """What an AtP estimate was linear in, for titles and logs: ``log-odds`` where ``space="log_odds"``
+    and the metric is a probability, else ``the metric`` (plain AtP, logit_diff, or a trace saved before
+    the choice existed, whose ``atp_space`` is None)."""
+    return "log-odds" if space == "log_odds" and metric == "prob" else "the metric"

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tracing.io import atomic_path
-from tracing.metrics import metric_label
+from tracing.metrics import atp_space_label, metric_label
 
 KIND_COLORMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
@@ -123,8 +123,7 @@ def describe_trace(trace) -> str:
     """How a trace was made, in one line: method, corruption, metric, direction."""
     method = "exact"
     if trace.method == "atp":
-        linear = "log-odds" if trace.atp_space == "log_odds" and trace.metric == "prob" else "the metric"
-        method = f"attribution patching (linear in {linear})"
+        method = f"attribution patching (linear in {atp_space_label(trace.atp_space, trace.metric)})"
     if trace.corruption == "symmetric":
         corruption = f"symmetric replacement by {trace.samples} subject(s) of equal token length"
     else:
