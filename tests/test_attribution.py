@@ -343,7 +343,7 @@ def test_atp_in_log_odds_is_recomputed_by_hand_and_read_back_as_a_probability(ti
     assert np.abs(linear.scores["mlp"] - output.scores["mlp"]).max() > 1e-6  # the space changes the estimate
 
 
-def test_atp_space_is_a_choice_of_the_probability_metric_only_and_refused_when_unknown(tiny_llama):
+def test_atp_space_is_a_choice_of_the_probability_metric_only_and_refused_when_unknown(tiny_llama, capsys):
     """Under ``logit_diff`` the metric is already linear in the logits: both spaces give the same numbers.
     An unknown space is refused when the config is made, and by the command before any model is read."""
     from tracing import heatmap
@@ -362,5 +362,5 @@ def test_atp_space_is_a_choice_of_the_probability_metric_only_and_refused_when_u
     with pytest.raises(ValueError, match="unknown atp space 'odds'"):
         TraceConfig(method="atp", atp_space="odds")
     with pytest.raises(SystemExit) as exit_info:
-        heatmap.main(["no-such-model", "--atp-space", "metric"])
-    assert exit_info.value.code == 2
+        heatmap.main(["no-such-model", "--atp-space", "metric"])  # refused before the model would fail
+    assert exit_info.value.code == 2 and "--atp-space metric needs --method atp" in capsys.readouterr().err

@@ -397,6 +397,7 @@ def test_the_command_line_constants_agree_with_the_library():
 
     assert cli.TRACE_METHODS == causal_trace.METHODS and cli.CORRUPTIONS == corruption.CORRUPTIONS
     assert cli.METRICS == metrics.METRICS and cli.DIRECTIONS == attribution.DIRECTIONS
+    assert cli.ATP_SPACES == attribution.SPACES
     from editing import cli as editing_cli, protocol, scoring
     from editing.editor import methods
 

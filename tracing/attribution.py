@@ -66,15 +66,19 @@ def check_space(space: str) -> None:
         raise ValueError(f"unknown atp space {space!r}; expected one of {SPACES}")
 
 
-def _log_odds(logits_last: torch.Tensor, inputs: TraceInputs) -> torch.Tensor:
+def _log_odds(logits_last: torch.Tensor, answer_id: int) -> torch.Tensor:
     """Per row: log(p / (1 - p)) of the answer, as logit(answer) - logsumexp(every other logit) (exact and
-    finite where p rounds to 0 or 1 in float32); under a counterfactual the logit difference itself."""
+    finite where p rounds to 0 or 1 in float32)."""
     logits = logits_last.float()
-    if inputs.counterfactual_id is not None:
-        return _answer_probs(logits, inputs)
     others = logits.clone()
-    others[:, inputs.answer_id] = float("-inf")
-    return logits[:, inputs.answer_id] - torch.logsumexp(others, dim=-1)
+    others[:, answer_id] = float("-inf")
+    return logits[:, answer_id] - torch.logsumexp(others, dim=-1)
+
+
+def _reads_back(space: str, inputs: TraceInputs) -> bool:
+    """Whether the estimate is made in log-odds and read back as a probability: ``log_odds`` on the
+    probability metric (a logit difference is already linear in the logits and is used as it is)."""
+    return space == "log_odds" and inputs.counterfactual_id is None
 
 
 def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool, grad: bool, scale: float = 1.0,
@@ -112,7 +116,7 @@ def _run(model, batch: Sequence[TraceInputs], names: list[str], corrupted: bool,
         for inputs, first, count in zip(batch, firsts, counts):
             last = logits[first: first + count, inputs.n_tokens - 1]
             metrics.append(_answer_probs(last, inputs))
-            linear.append(_log_odds(last, inputs) if space == "log_odds" else metrics[-1])
+            linear.append(_log_odds(last, inputs.answer_id) if _reads_back(space, inputs) else metrics[-1])
             tops.append(int(last[0].argmax()))
     return metrics, linear, tops, states, firsts
 
@@ -173,7 +177,7 @@ def attribution_patching_batch(model, batch: Sequence[TraceInputs], kinds: Itera
                 terms[name] = (difference * gradient[rows, tokens].float()).sum(-1).cpu().double().numpy()
             start = float(base_metric[f].detach().mean())
             linear = base_linear[f].detach().cpu().double().numpy()[:, None, None]  # (rows or 1, 1, 1)
-            read_back = space == "log_odds" and inputs.counterfactual_id is None  # log-odds -> probability
+            read_back = _reads_back(space, inputs)  # linear in log-odds: read back as a probability
             scores = {}
             for kind in kinds:
                 per_layer = np.stack([terms[adapter.state_hook(kind, layer)] for layer in range(n_layers)], axis=2)

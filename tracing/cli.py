@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
 # Copies of tracing.models.EMBEDDED_MODEL, tracing.adapter.KINDS, tracing.average.SELECTION_METHODS,
-# tracing.causal_trace.METHODS, tracing.corruption.CORRUPTIONS, tracing.metrics.METRICS and
-# tracing.attribution.DIRECTIONS, which cannot be imported without torch (tests/test_bad_inputs.py checks
+# tracing.causal_trace.METHODS, tracing.corruption.CORRUPTIONS, tracing.metrics.METRICS,
+# tracing.attribution.DIRECTIONS and tracing.attribution.SPACES, which cannot be imported without torch (tests/test_bad_inputs.py checks
 # that they agree).
 DEFAULT_MODEL = "smollm2"
 KINDS = ("resid", "mlp", "attn")
@@ -31,6 +31,7 @@ TRACE_METHODS = ("exact", "atp")
 CORRUPTIONS = ("gaussian", "symmetric")
 METRICS = ("prob", "logit_diff")
 DIRECTIONS = ("denoising", "noising")
+ATP_SPACES = ("log_odds", "metric")
 
 
 def fail(message: object) -> NoReturn:
@@ -228,7 +229,7 @@ def add_trace_choices(parser: argparse.ArgumentParser, method_option: str = "--m
     parser.add_argument("--atp-steps", type=int, default=1,
                         help="with the atp method: average the gradient over this many noise scales "
                              "(integrated gradients; 1, the default, is plain attribution patching)")
-    parser.add_argument("--atp-space", choices=("log_odds", "metric"), default="log_odds",
+    parser.add_argument("--atp-space", choices=ATP_SPACES, default=ATP_SPACES[0],
                         help="with the atp method: where the estimate is linear: log_odds (default) linearises the "
                              "answer's log-odds and reads the estimate back as a probability; metric linearises "
                              "the metric itself (plain AtP)")
@@ -243,7 +244,7 @@ def check_trace_choices(args: argparse.Namespace) -> None:
     """Refuse combinations of the trace options that cannot work, before any model is loaded."""
     if args.atp_steps != 1 and args.trace_method != "atp":
         fail(f"--atp-steps {args.atp_steps} needs --method atp (exact tracing has no gradient to average)")
-    if args.atp_space != "log_odds" and args.trace_method != "atp":
+    if args.atp_space != ATP_SPACES[0] and args.trace_method != "atp":
         fail(f"--atp-space {args.atp_space} needs --method atp (exact tracing estimates nothing)")
     from tracing.attribution import check_steps  # the one definition of valid steps (imports torch)
 
