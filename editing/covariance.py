@@ -6,7 +6,9 @@ k is the input of an MLP down-projection (one vector per token). MEMIT measures 
 * ``"model"`` (offline default): text sampled from the model itself, from a fixed set of openers. For the
   embedded model the default draw (seed 0, 1000 x 64 tokens) ships with the package
   (``editing/data/corpora/``, written by :func:`write_packaged_corpus`): sampling it takes about 9 minutes
-  on 2 CPU cores, longer than everything else in a first MEMIT edit together;
+  on 2 CPU cores, longer than everything else in a first MEMIT edit together. Another draw is sampled
+  once, cached, and resumable: a killed draw continues after its last batch
+  (:mod:`editing.sampling_checkpoint`);
 * a path: a ``.txt`` file (paragraphs separated by blank lines), a ``.jsonl``/``.json`` file with a
   ``"text"`` field, or a folder of ``.txt`` files;
 * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset's ``text`` column (needs network).
@@ -149,8 +151,10 @@ def _sampled_texts(model, corpus: CorpusConfig, show_progress: bool) -> list[str
     path = cache_dir() / "corpora" / model_spec(model).name / _sampled_name(corpus, ".json")
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    texts = sample_corpus(model, corpus, show_progress)
+    partial = path.with_name(_sampled_name(corpus, ".partial.safetensors"))  # a killed draw resumes from it
+    texts = sample_corpus(model, corpus, show_progress, checkpoint=partial)
     write_json_atomic(path, texts)
+    partial.unlink(missing_ok=True)
     return texts
 
 
@@ -164,15 +168,15 @@ def packaged_corpus_path(model, corpus: CorpusConfig) -> Path:
     return PACKAGED_CORPORA / model_spec(model).name / _sampled_name(corpus, ".json.gz")
 
 
-def sample_corpus(model, corpus: CorpusConfig, show_progress: bool = True) -> list[str]:
+def sample_corpus(model, corpus: CorpusConfig, show_progress: bool = True, checkpoint: Path | None = None) -> list[str]:
     """``corpus.samples`` continuations of ``corpus.max_tokens`` tokens, nucleus-sampled (p = 0.95) under
-    ``corpus.seed`` from the openers in turn."""
+    ``corpus.seed`` from the openers in turn; resumable from ``checkpoint`` (written after every batch)."""
     from editing.generate import sample_continuations
 
     prompts = [OPENERS[i % len(OPENERS)] for i in range(corpus.samples)]
     return sample_continuations(model, prompts, corpus.max_tokens, top_p=0.95, seed=corpus.seed,
                                 batch_size=max(corpus.batch_size, 64), show_progress=show_progress,
-                                desc="sampling C0 corpus")
+                                desc="sampling C0 corpus", checkpoint=checkpoint)
 
 
 def write_packaged_corpus(model, corpus: CorpusConfig = CorpusConfig()) -> Path:

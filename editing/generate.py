@@ -8,6 +8,8 @@ the same position, and the attention mask and the position ids the model derives
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -18,12 +20,13 @@ from tracing.tokens import encode, pad_id
 
 
 def _left_padded_batches(model, prompts: Sequence[str], batch_size: int, show_progress: bool = False,
-                         desc: str = "") -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor]]:
-    """(encoded prompts, left-padded ids, attention mask) per batch of ``prompts``."""
+                         desc: str = "", first: int = 0) -> Iterator[tuple[list[list[int]], torch.Tensor, torch.Tensor]]:
+    """(encoded prompts, left-padded ids, attention mask) per batch of ``prompts``, from batch ``first``."""
     device = input_device(model)
     pad = pad_id(model.tokenizer)
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+    batches = range(first * batch_size, len(prompts), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not show_progress, leave=False, initial=first,
+                      total=math.ceil(len(prompts) / batch_size)):
         encoded = [encode(model, p) for p in prompts[start: start + batch_size]]
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
@@ -34,18 +37,33 @@ def _left_padded_batches(model, prompts: Sequence[str], batch_size: int, show_pr
 @torch.no_grad()
 def sample_continuations(model, prompts: Sequence[str], max_new_tokens: int, *, top_k: int | None = None,
                          top_p: float | None = None, seed: int = 0, batch_size: int = 32,
-                         show_progress: bool = False, desc: str = "sampling") -> list[str]:
+                         show_progress: bool = False, desc: str = "sampling",
+                         checkpoint: Path | None = None) -> list[str]:
     """Sample one continuation per prompt (prompt included in the returned text).
 
-    Reproducible: the RNG is seeded and restored afterwards.
+    Reproducible: the RNG is seeded and restored afterwards. ``checkpoint``: a file that receives the texts
+    so far and the RNG state after every batch; a call with the same arguments that finds it samples only
+    the remaining batches, and returns what an uninterrupted call would (:mod:`editing.sampling_checkpoint`).
+    The caller removes it once the draw is stored.
     """
+    from editing.sampling_checkpoint import SamplingProgress, load_sampling, sampling_run, save_sampling
+
     hf_model, tokenizer = model.original_model, model.tokenizer
     device = input_device(model)
     pad = pad_id(tokenizer)
-    texts: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    on_cuda = device.type == "cuda"
+    run = sampling_run(prompts, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed,
+                       batch_size=batch_size)
+    resumed = load_sampling(checkpoint, run) if checkpoint is not None else None
+    texts: list[str] = list(resumed.texts) if resumed else []
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(seed)
-        for encoded, ids, mask in _left_padded_batches(model, prompts, batch_size, show_progress, desc):
+        if resumed:
+            torch.set_rng_state(resumed.cpu_rng)
+            if on_cuda and resumed.cuda_rng is not None:
+                torch.cuda.set_rng_state(resumed.cuda_rng, device)
+        first = len(texts) // batch_size
+        for encoded, ids, mask in _left_padded_batches(model, prompts, batch_size, show_progress, desc, first):
             output = hf_model.generate(
                 ids, attention_mask=mask, do_sample=True, top_k=top_k or 0, top_p=top_p or 1.0,
                 max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=1.0,
@@ -53,6 +71,9 @@ def sample_continuations(model, prompts: Sequence[str], max_new_tokens: int, *, 
             for row, prompt_ids in zip(output, encoded):
                 new = row[ids.shape[1]:].tolist()
                 texts.append(tokenizer.decode(prompt_ids + new, skip_special_tokens=True))
+            if checkpoint is not None and len(texts) < len(prompts):
+                save_sampling(checkpoint, SamplingProgress(
+                    texts, torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None), run)
     return texts
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tracing.io import load_tensors, save_tensors_atomic
+from tracing.io import load_checkpoint_of, save_tensors_atomic
 
 METADATA_KEY = "factlens_key_stats_checkpoint"
 
@@ -40,13 +40,9 @@ def save_checkpoint(path: Path, progress: Progress, run: dict) -> None:
 
 def load_checkpoint(path: Path, run: dict) -> Progress | None:
     """The progress saved at ``path`` by the same run, or None (no file, or another run's)."""
-    if not path.is_file():
+    found = load_checkpoint_of(path, METADATA_KEY, run)
+    if found is None:
         return None
-    try:
-        tensors, meta = load_tensors(path, METADATA_KEY)
-    except Exception:  # unreadable: start over rather than fail a measurement that can be redone
-        return None
-    if meta.get("run") != run:
-        return None
+    tensors, meta = found
     sums = {int(name.removeprefix("layer")): tensor for name, tensor in tensors.items()}
     return Progress(sums, meta["next_batch"], meta["tokens"], meta["texts"], meta["batches_done"])

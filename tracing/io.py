@@ -155,3 +155,15 @@ def load_tensors(path: str | os.PathLike, key: str) -> tuple[dict, Any]:
         if key not in metadata:
             raise ValueError(f"{path} is not a {key!r} file (its metadata has no {key!r} entry)")
         return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(metadata[key])
+
+
+def load_checkpoint_of(path: str | os.PathLike, key: str, run: Any) -> tuple[dict, Any] | None:
+    """A checkpoint's tensors and metadata when it was written by ``run`` (its metadata's ``"run"``), else
+    None: no file, another run's, or unreadable (a job that can be redone starts over rather than fail)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        tensors, meta = load_tensors(path, key)
+    except Exception:
+        return None
+    return (tensors, meta) if meta.get("run") == run else None
