@@ -52,8 +52,8 @@ def sample_continuations(model, prompts: Sequence[str], max_new_tokens: int, *, 
     device = input_device(model)
     pad = pad_id(tokenizer)
     on_cuda = device.type == "cuda"
-    run = sampling_run(prompts, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed,
-                       batch_size=batch_size)
+    run = None if checkpoint is None else sampling_run(  # the prompts' digest only where a checkpoint needs it
+        prompts, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
     resumed = load_sampling(checkpoint, run) if checkpoint is not None else None
     texts: list[str] = list(resumed.texts) if resumed else []
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
